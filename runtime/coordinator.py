@@ -353,7 +353,8 @@ class Coordinator:
         """A process sentinel fired: reap, repair shared state, restart or give up."""
         assert self.loop is not None and self.segment is not None and self.registry is not None
         self.loop.remove_reader(child.proc.sentinel)
-        child.proc.join(0)
+        # The sentinel closes as the process exits; the zombie is reapable a moment later.
+        child.proc.join(2)
         code = child.proc.exitcode
         if self.children.get(name) is child:
             del self.children[name]
