@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_DEFAULT_TTL",
     "DEFAULT_FAIRNESS",
     "DEFAULT_FLOW_GC_TIMEOUT",
+    "DEFAULT_GC_PHASE_DELAY",
     "DEFAULT_GC_PREPARE_TIMEOUT",
     "DEFAULT_LOG_LEVEL",
     "DEFAULT_MAX_BANDS",
@@ -185,6 +186,9 @@ MAX_GC_INTERVAL: Final = 30.0
 """Upper clamp of the default GC interval, in seconds, so long timeouts still see prompt GC."""
 
 DEFAULT_GC_PREPARE_TIMEOUT: Final = 2.0
+# Fault injection for tests: GC waits a random time up to this between the steps of a removal,
+# widening the windows in which requests race with it. 0 (no delay) in production.
+DEFAULT_GC_PHASE_DELAY: Final = 0.0
 """Seconds GC waits for every shard's prepare vote (phase 2) before it aborts the removal."""
 
 DEFAULT_MAX_FLOWS: Final = 65536
@@ -325,6 +329,7 @@ class Config(msgspec.Struct, frozen=True):
     shutdown_timeout: float
     socket_group: str
     log_level: str
+    gc_phase_delay: float = 0.0
 
 
 class Variable(msgspec.Struct, frozen=True):
@@ -663,6 +668,12 @@ VARIABLES: Final[tuple[Variable, ...]] = (
         "BANDGATE_LOG_LEVEL",
         DEFAULT_LOG_LEVEL,
         f"Log level; one of {', '.join(LOG_LEVELS)} (case-insensitive).",
+    ),
+    Variable(
+        "BANDGATE_GC_PHASE_DELAY",
+        format_duration(DEFAULT_GC_PHASE_DELAY),
+        "Testing knob: garbage collection waits a random time up to this between the steps "
+        "of a removal, to widen the races with admissions; a duration, 0 = none.",
     ),
 )
 
@@ -1013,6 +1024,13 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         else _duration("BANDGATE_GC_PREPARE_TIMEOUT", raw, allow_zero=False)
     )
 
+    raw = take("BANDGATE_GC_PHASE_DELAY")
+    gc_phase_delay = (
+        DEFAULT_GC_PHASE_DELAY
+        if raw is None
+        else _duration("BANDGATE_GC_PHASE_DELAY", raw, allow_zero=True)
+    )
+
     raw = take("BANDGATE_MAX_FLOWS")
     max_flows = (
         DEFAULT_MAX_FLOWS
@@ -1090,4 +1108,5 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         shutdown_timeout=shutdown_timeout,
         socket_group=socket_group,
         log_level=log_level,
+        gc_phase_delay=gc_phase_delay,
     )

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import logging
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -337,6 +338,14 @@ class GcProcess:
             self.send(removal, removal.on_tick(now))
 
     def send(self, removal: Removal, msgs: list[object]) -> None:
+        delay = self.config.gc_phase_delay
+        if delay and msgs:
+            # Fault injection (tests): let admissions race with this step for a while.
+            self.loop.call_later(random.random() * delay, self._send, removal, msgs)
+            return
+        self._send(removal, msgs)
+
+    def _send(self, removal: Removal, msgs: list[object]) -> None:
         assert self.link is not None
         for msg in msgs:
             # Retire, Commit and Abort are answered by an Ack, in order; Prepare by PrepareSent.
