@@ -655,8 +655,8 @@ VARIABLES: Final[tuple[Variable, ...]] = (
     Variable(
         "BANDGATE_SHUTDOWN_TIMEOUT",
         format_duration(DEFAULT_SHUTDOWN_TIMEOUT),
-        "How long queued requests may drain after SIGTERM before children are killed; "
-        "a duration > 0.",
+        "How long a stopping daemon waits for its processes to exit (waiting requests get "
+        "evicted_other at once) before it kills them; a duration > 0.",
     ),
     Variable(
         "BANDGATE_SOCKET_GROUP",
