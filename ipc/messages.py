@@ -44,6 +44,7 @@ __all__ = [
     "Provisioned",
     "Reconcile",
     "Release",
+    "ReportSaturation",
     "Retire",
     "ScaleShards",
     "SetDraining",
@@ -171,6 +172,17 @@ class Reconcile(_Msg, tag="reconcile"):
     priorities: tuple[int, ...]
 
 
+class ReportSaturation(_Msg, tag="report_saturation"):
+    """An external saturation source (the gateway's detector) grants dispatch credit.
+
+    The daemon dispatches at most ``allowance`` more requests, counted over all shards from now,
+    and none once ``valid_for`` seconds pass without a newer report (stale fails closed).
+    """
+
+    allowance: int
+    valid_for: float
+
+
 class JsonReply(_Msg, tag="json"):
     """A reply whose body is a JSON document (stats, bands)."""
 
@@ -296,6 +308,7 @@ ToCoordinator = (
     | GetBands
     | ScaleShards
     | Reconcile
+    | ReportSaturation
     | ShardHello
     | Provision
     | Vote

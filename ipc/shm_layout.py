@@ -38,6 +38,13 @@ H_FLOW_HWM = 7  # flow slots >= this were never used: readers stop scanning here
 H_BAND_HWM = 8
 H_MAX_INFLIGHT = 9
 H_MAX_BYTES = 10
+# External saturation credit (coordinator-written, from ReportSaturation): when H_SAT_MODE is 1, a
+# shard may dispatch only while (H_DISPATCHED_BASE + sum of every S_DISPATCHED) < H_SAT_LIMIT and
+# CLOCK_MONOTONIC ns < H_SAT_EXPIRES_NS (stale credit fails closed).
+H_SAT_MODE = 11
+H_SAT_LIMIT = 12
+H_SAT_EXPIRES_NS = 13
+H_DISPATCHED_BASE = 14  # dispatches counted by shards that died (their rows were zeroed)
 HEADER_WORDS: Final = 16
 
 # shard table row
@@ -67,6 +74,7 @@ S_PID = 8
 STATS_HEADER_WORDS: Final = 16
 # stats per band slot
 SB_LEN, SB_BYTES, SB_DISPATCHED = range(3)
+SB_OLDEST_NS = 3  # enqueue time (CLOCK_MONOTONIC ns) of the oldest queued item, 0 when empty
 STATS_BAND_WORDS: Final = 4
 
 # lease row per flow slot (shard-written)

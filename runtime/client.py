@@ -49,6 +49,7 @@ from ipc.messages import (
     OutcomeCode,
     Reconcile,
     Release,
+    ReportSaturation,
     ScaleShards,
     Submit,
     Topology,
@@ -522,6 +523,12 @@ def _check_priorities(priorities: Iterable[int]) -> tuple[int, ...]:
     return out
 
 
+def _check_allowance(allowance: int) -> int:
+    if type(allowance) is not int or allowance < 0:
+        raise ValueError(f"allowance must be an int >= 0, not {allowance!r}")
+    return allowance
+
+
 @final
 class AsyncClient:
     """asyncio client: one instance serves many tasks at once.
@@ -566,6 +573,10 @@ class AsyncClient:
         if type(n) is not int or n < 1:
             raise ValueError(f"shard count must be a positive int, not {n!r}")
         await self._core.ack(ScaleShards(n))
+
+    async def report_saturation(self, allowance: int, valid_for: float) -> None:
+        """Act as the external saturation source (see :meth:`Client.report_saturation`)."""
+        await self._core.ack(ReportSaturation(_check_allowance(allowance), float(valid_for)))
 
     async def close(self) -> None:
         await self._core.close()
@@ -634,6 +645,14 @@ class Client:
         if type(n) is not int or n < 1:
             raise ValueError(f"shard count must be a positive int, not {n!r}")
         self._call(self._core.ack(ScaleShards(n)))
+
+    def report_saturation(self, allowance: int, valid_for: float) -> None:
+        """Act as the external saturation source (the gateway's backend-metrics detector).
+
+        From now on the daemon dispatches at most ``allowance`` more requests (over all shards)
+        and none once ``valid_for`` seconds pass without a newer report: stale fails closed.
+        """
+        self._call(self._core.ack(ReportSaturation(_check_allowance(allowance), float(valid_for))))
 
     def close(self) -> None:
         if self._closed:

@@ -65,6 +65,7 @@ from ipc.messages import (
     Provision,
     Provisioned,
     Reconcile,
+    ReportSaturation,
     Retire,
     ScaleShards,
     SetDraining,
@@ -401,6 +402,7 @@ class Coordinator:
         w = seg.words
         layout = seg.layout
         row = layout.stats_row(shard_id)
+        w[L.H_DISPATCHED_BASE] += w[row + L.S_DISPATCHED]
         held = int(w[row + L.S_HELD])
         if held > 0:
             self.budget.release(held)
@@ -588,7 +590,32 @@ class Coordinator:
             return Ack(True, "")
         if t is ScaleShards:
             return self.scale(msg.n)  # type: ignore[attr-defined]
+        if t is ReportSaturation:
+            return self.report_saturation(msg.allowance, msg.valid_for)  # type: ignore[attr-defined]
         return None
+
+    def total_dispatched(self) -> int:
+        assert self.segment is not None
+        w = self.segment.words
+        layout = self.segment.layout
+        return int(w[L.H_DISPATCHED_BASE]) + sum(
+            int(w[layout.stats_row(s) + L.S_DISPATCHED]) for s in range(layout.max_shards)
+        )
+
+    def report_saturation(self, allowance: int, valid_for: float) -> Ack:
+        """Grant ``allowance`` more dispatches, valid for ``valid_for`` seconds (then fail closed)."""
+        if allowance < 0 or not 0 < valid_for <= 3600:
+            return Ack(False, "allowance must be >= 0 and valid_for in (0, 3600] seconds")
+        assert self.segment is not None
+        w = self.segment.words
+        w[L.H_SAT_LIMIT] = self.total_dispatched() + allowance
+        w[L.H_SAT_EXPIRES_NS] = time.monotonic_ns() + int(valid_for * 1e9)
+        if not w[L.H_SAT_MODE]:
+            log.info("external saturation source reporting; dispatch now also needs its credit")
+        w[L.H_SAT_MODE] = 1
+        if allowance:
+            self.wake_all()
+        return Ack(True, "")
 
     def topology(self) -> Topology:
         assert self.segment is not None
@@ -666,6 +693,7 @@ class Coordinator:
                 }
             )
         bands: dict[int, dict[str, Any]] = {}
+        now_ns = time.monotonic_ns()
         for band in sorted(registry.bands.values(), key=lambda b: -b.priority):
             length = size = dispatched = 0
             for s in range(layout.max_shards):
@@ -673,7 +701,13 @@ class Coordinator:
                 length += w[base + L.SB_LEN]
                 size += w[base + L.SB_BYTES]
                 dispatched += w[base + L.SB_DISPATCHED]
+            oldest = 0
+            for s in range(layout.max_shards):
+                stamp = w[layout.stats_band(s, band.slot) + L.SB_OLDEST_NS]
+                if stamp and (not oldest or stamp < oldest):
+                    oldest = stamp
             bands[band.priority] = {
+                "oldest_wait": max(0.0, (now_ns - oldest) / 1e9) if oldest and length else 0.0,
                 "name": band.name,
                 "static": band.static,
                 "state": registry.band_state_name(band),
@@ -698,9 +732,45 @@ class Coordinator:
             "flows": len(registry.flows),
             "bands": bands,
             "shards": shard_rows,
+            "busiest_flows": self.busiest_flows(),
+            "saturation": self.saturation_state(inflight),
             "gc": dict(registry.counters),
             "restarts": dict(self.counters),
         }
+
+    def busiest_flows(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The flows with the most queued requests, summed over shards (from the lease rows)."""
+        seg, registry = self.segment, self.registry
+        assert seg is not None and registry is not None
+        w = seg.words
+        layout = seg.layout
+        rows = [layout.lease_row(s) for s in range(layout.max_shards) if w[layout.shard(s) + L.SH_STATE]]
+        found = []
+        for slot, flow in registry.flows.items():
+            offset = slot * L.LEASE_WORDS
+            count = size = 0
+            for row in rows:
+                count += w[row + offset + L.L_COUNT]
+                size += w[row + offset + L.L_BYTES]
+            if count:
+                found.append((-count, -size, flow.flow_id, flow.priority))
+        found.sort()
+        return [
+            {"flow_id": fid, "priority": prio, "len": -c, "bytes": -b}
+            for c, b, fid, prio in found[:limit]
+        ]
+
+    def saturation_state(self, inflight: int) -> dict[str, Any]:
+        assert self.segment is not None and self.budget is not None
+        w = self.segment.words
+        budget_free = None if self.budget.unlimited else self.budget.free
+        saturated = budget_free == 0
+        if w[L.H_SAT_MODE]:
+            fresh = time.monotonic_ns() < w[L.H_SAT_EXPIRES_NS]
+            left = max(0, int(w[L.H_SAT_LIMIT]) - self.total_dispatched())
+            saturated = saturated or not fresh or left == 0
+            return {"source": "external", "saturated": saturated, "budget_free": budget_free, "allowance_left": left, "fresh": fresh}
+        return {"source": "budget", "saturated": saturated, "budget_free": budget_free, "allowance_left": None, "fresh": None}
 
     def bands(self) -> list[dict[str, Any]]:
         assert self.registry is not None

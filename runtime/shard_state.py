@@ -32,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, MutableSequence
 from typing import Final, final
 
@@ -110,6 +111,7 @@ class Band:
     """A priority band on this shard."""
 
     __slots__ = (
+        "arrivals",
         "bytes",
         "capacity",
         "fairness",
@@ -137,6 +139,8 @@ class Band:
         self.bytes = 0
         self.fenced = False
         self.stats_base = 0
+        # Queued items in arrival order, so the oldest wait is O(1) whatever the policies.
+        self.arrivals: OrderedDict[int, Request] = OrderedDict()
 
 
 def _monotonic_ns() -> int:
@@ -263,6 +267,9 @@ class ShardCore:
         sb = band.stats_base
         w[sb + L.SB_LEN] = band.len
         w[sb + L.SB_BYTES] = band.bytes
+        if not band.arrivals:
+            w[sb + L.SB_OLDEST_NS] = int(req.enqueue_time * 1e9)
+        band.arrivals[req.seq] = req
         self.len += 1
         self.bytes += size
         base = self.stats_base
@@ -287,6 +294,14 @@ class ShardCore:
         sb = band.stats_base
         w[sb + L.SB_LEN] = band.len
         w[sb + L.SB_BYTES] = band.bytes
+        arrivals = band.arrivals
+        if next(iter(arrivals)) == req.seq:
+            del arrivals[req.seq]
+            w[sb + L.SB_OLDEST_NS] = (
+                int(next(iter(arrivals.values())).enqueue_time * 1e9) if arrivals else 0
+            )
+        else:
+            del arrivals[req.seq]
         self.len -= 1
         self.bytes -= size
         base = self.stats_base

@@ -388,19 +388,38 @@ class ShardWorker:
         w = self.words
         held = self.stats_base + L.S_HELD
         limited = self.limited
+        external = bool(w[L.H_SAT_MODE])
         while True:
             band = core.top_band()
             if band is None:
                 break
-            if limited:
+            if limited or external:
                 if self.higher_waiting_elsewhere(band.priority):
                     break
-                if not budget.try_acquire():
+                if external and self.externally_saturated():
                     break
-                w[held] += 1
+                if limited:
+                    if not budget.try_acquire():
+                        break
+                    w[held] += 1
             req = core.pop(band)
             self._finish(req, OutcomeCode.DISPATCHED, "")
         self.after_batch()
+
+    def externally_saturated(self) -> bool:
+        """The external saturation credit is used up or stale (fails closed).
+
+        Shards check concurrently, so the credit can be overrun by at most one dispatch per other
+        shard. The coordinator wakes every shard when a new report grants credit.
+        """
+        w = self.words
+        if time.monotonic_ns() >= w[L.H_SAT_EXPIRES_NS]:
+            return True
+        disp = L.S_DISPATCHED
+        total = w[L.H_DISPATCHED_BASE] + w[self.stats_base + disp]
+        for row, _ in self.others:
+            total += w[row + disp]
+        return total >= w[L.H_SAT_LIMIT]
 
     def higher_waiting_elsewhere(self, priority: int) -> bool:
         w = self.words
@@ -465,7 +484,7 @@ class ShardWorker:
     def after_batch(self) -> None:
         """After any change: wake shards we held back, and report a finished drain."""
         top = self.core.top_waiting
-        if top < self.last_top and self.limited:
+        if top < self.last_top and (self.limited or self.words[L.H_SAT_MODE]):
             # We no longer wait as high as before: shards held back by our old top may go.
             self.poke(at_least=L.NO_PRIORITY + 1)
         self.last_top = top

@@ -73,6 +73,7 @@ class Daemon:
             start_new_session=True,
         )
         self.ready_line = ""
+        self.run_id = ""
         self.stdout_lines: list[str] = []
         self.children: list[psutil.Process] = []
 
@@ -98,6 +99,14 @@ class Daemon:
             time.sleep(0.01)
         self.ready_line = result[0]
         self.children = psutil.Process(self.proc.pid).children(recursive=True)
+        with open(os.path.join(self.socket_dir, "bandgate.lock")) as f:
+            self.run_id = f.read().split()[1]
+
+    def shm_objects(self) -> set[str]:
+        """This daemon's shared-memory segment and semaphore, if they exist."""
+        if not self.run_id:
+            return set()
+        return {n for n in shm_objects() if f"bandgate.{self.run_id}." in n}
 
     @property
     def pid(self) -> int:
@@ -176,9 +185,8 @@ def start_daemon() -> Iterator[Callable[..., Daemon]]:
 
     Keyword names are ``BANDGATE_*`` names without the prefix (any case). The teardown stops any
     daemon still running and asserts: exit code 0 for a daemon stopped here, no surviving process,
-    no new ``/dev/shm`` object, no socket file left in its directory.
+    no ``/dev/shm`` object of its run id (from its lock file), no socket file left in its directory.
     """
-    before = shm_objects()
     daemons: list[Daemon] = []
     dirs: list[str] = []
 
@@ -203,24 +211,32 @@ def start_daemon() -> Iterator[Callable[..., Daemon]]:
                 problems.append(f"daemon exited {code}:\n{daemon.log()[-3000:]}")
         else:
             daemon.close_files()
-        alive = []
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
+        def survivors() -> list[str]:
+            alive = []
+            for pid in pids:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p = psutil.Process(pid)
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+            return alive
+
+        # Children exit on their own once the coordinator is gone; give them a moment.
+        deadline = time.monotonic() + 5
+        while survivors() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        alive = survivors()
         if alive:
-            for pid in alive:
+            for entry in alive:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(int(entry.split()[0]), signal.SIGKILL)
             problems.append(f"processes survived the daemon: {alive}")
         if os.path.isdir(daemon.socket_dir):
             socks = [n for n in os.listdir(daemon.socket_dir) if n.endswith(".sock")]
             if socks:
                 problems.append(f"socket files left in {daemon.socket_dir}: {socks}")
-    leaked = shm_objects() - before
-    if leaked:
-        problems.append(f"shared-memory objects left: {sorted(leaked)}")
+        leaked = daemon.shm_objects()
+        if leaked:
+            problems.append(f"shared-memory objects left: {sorted(leaked)}")
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
