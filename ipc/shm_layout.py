@@ -71,7 +71,18 @@ S_DISPATCHED = 5  # cumulative counters, for stats and benchmarks
 S_REJECTED = 6
 S_EVICTED = 7
 S_PID = 8
-STATS_HEADER_WORDS: Final = 16
+# Histograms (shard-written, cumulative), read by the metrics endpoint. Queue duration: one block of
+# QD_BLOCK words per outcome code 1..6: a count per bucket of QUEUE_BUCKETS, one for +Inf, then the
+# sum in ns. Dispatch cycle duration: one block of CYCLE_BLOCK words for CYCLE_BUCKETS.
+QUEUE_BUCKETS: Final = (
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # GIE's request_queue_duration_seconds buckets
+CYCLE_BUCKETS: Final = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1)
+QD_BLOCK: Final = len(QUEUE_BUCKETS) + 2
+CYCLE_BLOCK: Final = len(CYCLE_BUCKETS) + 2
+S_QUEUE_HIST = 16  # outcome o (1..6) starts at S_QUEUE_HIST + (o - 1) * QD_BLOCK
+S_CYCLE_HIST = S_QUEUE_HIST + 6 * QD_BLOCK
+STATS_HEADER_WORDS: Final = S_CYCLE_HIST + CYCLE_BLOCK
 # stats per band slot
 SB_LEN, SB_BYTES, SB_DISPATCHED = range(3)
 SB_OLDEST_NS = 3  # enqueue time (CLOCK_MONOTONIC ns) of the oldest queued item, 0 when empty

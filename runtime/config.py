@@ -62,6 +62,8 @@ __all__ = [
     "DEFAULT_FAIRNESS",
     "DEFAULT_FLOW_GC_TIMEOUT",
     "DEFAULT_GC_PHASE_DELAY",
+    "DEFAULT_METRICS_ADDR",
+    "DEFAULT_METRICS_MAX_FLOWS",
     "DEFAULT_GC_PREPARE_TIMEOUT",
     "DEFAULT_LOG_LEVEL",
     "DEFAULT_MAX_BANDS",
@@ -189,6 +191,10 @@ DEFAULT_GC_PREPARE_TIMEOUT: Final = 2.0
 # Fault injection for tests: GC waits a random time up to this between the steps of a removal,
 # widening the windows in which requests race with it. 0 (no delay) in production.
 DEFAULT_GC_PHASE_DELAY: Final = 0.0
+# Prometheus endpoint: loopback only unless the operator opens it; "0" turns it off.
+DEFAULT_METRICS_ADDR: Final = "127.0.0.1:9464"
+# Flow ids become a label; past this many flows per scrape the rest are summed as "other".
+DEFAULT_METRICS_MAX_FLOWS: Final = 100
 """Seconds GC waits for every shard's prepare vote (phase 2) before it aborts the removal."""
 
 DEFAULT_MAX_FLOWS: Final = 65536
@@ -330,6 +336,8 @@ class Config(msgspec.Struct, frozen=True):
     socket_group: str
     log_level: str
     gc_phase_delay: float = 0.0
+    metrics_addr: str = ""
+    metrics_max_flows: int = 100
 
 
 class Variable(msgspec.Struct, frozen=True):
@@ -675,6 +683,17 @@ VARIABLES: Final[tuple[Variable, ...]] = (
         "Testing knob: garbage collection waits a random time up to this between the steps "
         "of a removal, to widen the races with admissions; a duration, 0 = none.",
     ),
+    Variable(
+        "BANDGATE_METRICS_ADDR",
+        DEFAULT_METRICS_ADDR,
+        "HOST:PORT of the Prometheus endpoint (/metrics, /healthz); 0 = off. Loopback by default.",
+    ),
+    Variable(
+        "BANDGATE_METRICS_MAX_FLOWS",
+        str(DEFAULT_METRICS_MAX_FLOWS),
+        "Most flow ids exported as metric labels (the busiest); the rest are summed under "
+        "fairness_id=\"other\". An integer from 1 to 100000.",
+    ),
 )
 
 _KNOWN_NAMES: Final = frozenset(variable.name for variable in VARIABLES)
@@ -856,6 +875,18 @@ def _bands(name: str, raw: str) -> tuple[BandSpec, ...]:
     return tuple(bands)
 
 
+def _listen_addr(name: str, raw: str) -> str:
+    """``HOST:PORT`` (an IPv6 host in brackets) or ``0`` (off, returned as "")."""
+    text = raw.strip()
+    if text == "0":
+        return ""
+    host, sep, port = text.rpartition(":")
+    port_ok = _parse_int(port, 0, 65535) is not None
+    if not sep or not host or not port_ok:
+        raise _fail(name, raw, "expected HOST:PORT such as 127.0.0.1:9464, or 0 for off")
+    return text
+
+
 def _socket_group(name: str, raw: str) -> str:
     """Checks the socket group exists, by name or numeric gid; "" means none."""
     text = raw.strip()
@@ -1031,6 +1062,15 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         else _duration("BANDGATE_GC_PHASE_DELAY", raw, allow_zero=True)
     )
 
+    raw = take("BANDGATE_METRICS_ADDR")
+    metrics_addr = DEFAULT_METRICS_ADDR if raw is None else _listen_addr("BANDGATE_METRICS_ADDR", raw)
+    raw = take("BANDGATE_METRICS_MAX_FLOWS")
+    metrics_max_flows = (
+        DEFAULT_METRICS_MAX_FLOWS
+        if raw is None
+        else _integer("BANDGATE_METRICS_MAX_FLOWS", raw, 1, 100_000)
+    )
+
     raw = take("BANDGATE_MAX_FLOWS")
     max_flows = (
         DEFAULT_MAX_FLOWS
@@ -1109,4 +1149,6 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         socket_group=socket_group,
         log_level=log_level,
         gc_phase_delay=gc_phase_delay,
+        metrics_addr=metrics_addr,
+        metrics_max_flows=metrics_max_flows,
     )

@@ -81,6 +81,7 @@ from ipc.names import budget_name, new_run_id, shm_name
 from ipc.shm import Segment, unlink_segment
 from runtime import gc_worker, shard_worker
 from runtime.config import Config
+from runtime.metrics import MetricsServer
 from runtime.registry import Registry, RegistryFull
 from runtime.supervision import ChildSpec, ExitCode, context
 from runtime.validation import check_admission
@@ -214,6 +215,9 @@ class Coordinator:
         self.counters = {"shard_restarts": 0, "gc_restarts": 0}
         self.spec_config = msgspec.msgpack.encode(config)
         self.wake_sock: Any = None
+        self.metrics: MetricsServer | None = None
+        # Histogram words of shards that died, carried over so exported counters never go back.
+        self.dead_hist = [0] * (L.STATS_HEADER_WORDS - L.S_QUEUE_HIST)
 
     # -- 1. lock and clean ------------------------------------------------------------------------
     def take_directory(self) -> None:
@@ -305,6 +309,12 @@ class Coordinator:
             gid = _gid(cfg.socket_group)
             os.chown(control, -1, gid)
         self.servers.append(server)
+        if cfg.metrics_addr:
+            self.metrics = MetricsServer(self)
+            try:
+                await self.metrics.start(cfg.metrics_addr)
+            except OSError as exc:
+                raise BootFailed(f"BANDGATE_METRICS_ADDR={cfg.metrics_addr}: cannot listen: {exc.strerror or exc}") from None
         print(
             f"bandgate ready socket_dir={self.dir} shards={cfg.shards} pid={os.getpid()}",
             flush=True,
@@ -352,7 +362,9 @@ class Coordinator:
 
     def on_child_exit(self, name: str, child: Child) -> None:
         """A process sentinel fired: reap, repair shared state, restart or give up."""
-        assert self.loop is not None and self.segment is not None and self.registry is not None
+        if self.segment is None:
+            return  # after cleanup(): the daemon is gone, nothing to repair
+        assert self.loop is not None and self.registry is not None
         self.loop.remove_reader(child.proc.sentinel)
         # The sentinel closes as the process exits; the zombie is reapable a moment later.
         child.proc.join(2)
@@ -403,6 +415,8 @@ class Coordinator:
         layout = seg.layout
         row = layout.stats_row(shard_id)
         w[L.H_DISPATCHED_BASE] += w[row + L.S_DISPATCHED]
+        for i in range(len(self.dead_hist)):
+            self.dead_hist[i] += w[row + L.S_QUEUE_HIST + i]
         held = int(w[row + L.S_HELD])
         if held > 0:
             self.budget.release(held)
@@ -724,6 +738,7 @@ class Coordinator:
             "pid": os.getpid(),
             "gc_pid": gc.proc.pid if gc is not None else None,
             "socket_dir": self.dir,
+            "metrics_addr": self.metrics.address if self.metrics else "",
             "len": sum(r["len"] for r in shard_rows),
             "bytes": sum(r["bytes"] for r in shard_rows),
             "inflight": inflight,
@@ -771,6 +786,24 @@ class Coordinator:
             saturated = saturated or not fresh or left == 0
             return {"source": "external", "saturated": saturated, "budget_free": budget_free, "allowance_left": left, "fresh": fresh}
         return {"source": "budget", "saturated": saturated, "budget_free": budget_free, "allowance_left": None, "fresh": None}
+
+    def health_problems(self) -> list[str]:
+        """Why the daemon is not healthy: every shard and the GC process must be up."""
+        problems = []
+        if self.stopping:
+            problems.append("shutting down")
+        if "gc" not in self.children or self.children["gc"].link is None:
+            problems.append("gc process not up")
+        active = 0
+        for child in self.children.values():
+            if child.role == "shard":
+                if child.link is None:
+                    problems.append(f"shard {child.shard_id} not up")
+                elif child.state != L.ShardState.DRAINING:
+                    active += 1
+        if not active:
+            problems.append("no active shard")
+        return problems
 
     def bands(self) -> list[dict[str, Any]]:
         assert self.registry is not None
@@ -871,6 +904,8 @@ class Coordinator:
         finally:
             for server in self.servers:
                 server.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.cleanup()
         log.info("stopped")
         return int(self.exit_code)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from bisect import bisect_left
 import logging
 import math
 import os
@@ -356,6 +357,10 @@ class ShardWorker:
         del conn.requests[req.id]
         w = self.words
         base = self.stats_base
+        queued = time.monotonic() - req.enqueue_time
+        hist = base + L.S_QUEUE_HIST + (outcome - 1) * L.QD_BLOCK
+        w[hist + bisect_left(L.QUEUE_BUCKETS, queued)] += 1
+        w[hist + L.QD_BLOCK - 1] += int(queued * 1e9)
         if outcome == OutcomeCode.DISPATCHED:
             conn.dispatched.add(req.id)
             w[base + L.S_INFLIGHT] += 1
@@ -383,6 +388,7 @@ class ShardWorker:
     def dispatch_cycle(self) -> None:
         """Dispatch while the budget allows, highest band first, head-of-line when saturated."""
         self.dispatch_scheduled = False
+        started = time.perf_counter()
         core = self.core
         budget = self.budget
         w = self.words
@@ -404,6 +410,10 @@ class ShardWorker:
                     w[held] += 1
             req = core.pop(band)
             self._finish(req, OutcomeCode.DISPATCHED, "")
+        took = time.perf_counter() - started
+        hist = self.stats_base + L.S_CYCLE_HIST
+        w[hist + bisect_left(L.CYCLE_BUCKETS, took)] += 1
+        w[hist + L.CYCLE_BLOCK - 1] += int(took * 1e9)
         self.after_batch()
 
     def externally_saturated(self) -> bool:

@@ -170,6 +170,7 @@ def base_env(socket_dir: str, **overrides: object) -> dict[str, str]:
             "BANDGATE_SHARDS": "1",
             "BANDGATE_MAX_INFLIGHT": "0",
             "BANDGATE_LOG_LEVEL": "INFO",
+            "BANDGATE_METRICS_ADDR": "0",
             "PYTHONUNBUFFERED": "1",
         }
     )
