@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import final
 
-import posix_ipc  # type: ignore[import-untyped]
+import posix_ipc  # type: ignore[import-not-found]
 
 __all__ = ["Budget"]
 

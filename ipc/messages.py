@@ -87,7 +87,7 @@ class _Msg(msgspec.Struct, array_like=True, frozen=True, tag_field="t"):
 
 
 # --- client <-> shard (hot path) -------------------------------------------------------------
-class Submit(_Msg, tag="s"):
+class Submit(_Msg, frozen=True, tag="s"):
     """Ask for admission. ``id`` is unique per connection; ``ttl`` 0 means the daemon default."""
 
     id: int
@@ -97,19 +97,19 @@ class Submit(_Msg, tag="s"):
     ttl: float
 
 
-class Cancel(_Msg, tag="c"):
+class Cancel(_Msg, frozen=True, tag="c"):
     """Withdraw a queued request (a no-op if it already has its outcome)."""
 
     id: int
 
 
-class Release(_Msg, tag="r"):
+class Release(_Msg, frozen=True, tag="r"):
     """Return the concurrency unit of a dispatched request (idempotent)."""
 
     id: int
 
 
-class Decided(_Msg, tag="d"):
+class Decided(_Msg, frozen=True, tag="d"):
     """The one outcome of a Submit. ``flow_slot`` lets the client pick shards by flow bytes."""
 
     id: int
@@ -119,7 +119,7 @@ class Decided(_Msg, tag="d"):
     flow_slot: int = -1
 
 
-class ErrorReply(_Msg, tag="e"):
+class ErrorReply(_Msg, frozen=True, tag="e"):
     """The peer broke the protocol; the connection is closed after this frame."""
 
     code: str
@@ -131,7 +131,7 @@ ShardToClient = Decided | ErrorReply
 
 
 # --- control socket (clients, CLI) ----------------------------------------------------------
-class Hello(_Msg, tag="hello"):
+class Hello(_Msg, frozen=True, tag="hello"):
     protocol: int
 
 
@@ -142,7 +142,7 @@ class ShardInfo(msgspec.Struct, array_like=True, frozen=True):
     pid: int
 
 
-class Topology(_Msg, tag="topology"):
+class Topology(_Msg, frozen=True, tag="topology"):
     """Reply to Hello (and pushed as TopologyChanged): where the shards are."""
 
     protocol: int
@@ -152,27 +152,27 @@ class Topology(_Msg, tag="topology"):
     max_flows: int
 
 
-class TopologyChanged(_Msg, tag="topology_changed"):
+class TopologyChanged(_Msg, frozen=True, tag="topology_changed"):
     epoch: int
 
 
-class GetStats(_Msg, tag="get_stats"):
+class GetStats(_Msg, frozen=True, tag="get_stats"):
     pass
 
 
-class GetBands(_Msg, tag="get_bands"):
+class GetBands(_Msg, frozen=True, tag="get_bands"):
     pass
 
 
-class ScaleShards(_Msg, tag="scale_shards"):
+class ScaleShards(_Msg, frozen=True, tag="scale_shards"):
     n: int
 
 
-class Reconcile(_Msg, tag="reconcile"):
+class Reconcile(_Msg, frozen=True, tag="reconcile"):
     priorities: tuple[int, ...]
 
 
-class ReportSaturation(_Msg, tag="report_saturation"):
+class ReportSaturation(_Msg, frozen=True, tag="report_saturation"):
     """An external saturation source (the gateway's detector) grants dispatch credit.
 
     The daemon dispatches at most ``allowance`` more requests, counted over all shards from now,
@@ -183,25 +183,25 @@ class ReportSaturation(_Msg, tag="report_saturation"):
     valid_for: float
 
 
-class JsonReply(_Msg, tag="json"):
+class JsonReply(_Msg, frozen=True, tag="json"):
     """A reply whose body is a JSON document (stats, bands)."""
 
     body: bytes
 
 
-class Ack(_Msg, tag="ack"):
+class Ack(_Msg, frozen=True, tag="ack"):
     ok: bool
     reason: str = ""
 
 
 # --- internal socket: shard workers ---------------------------------------------------------
-class ShardHello(_Msg, tag="shard_hello"):
+class ShardHello(_Msg, frozen=True, tag="shard_hello"):
     token: str
     shard_id: int
     pid: int
 
 
-class Provision(_Msg, tag="provision"):
+class Provision(_Msg, frozen=True, tag="provision"):
     """A shard asks for the slots of a flow (and its band), creating them just in time.
 
     It is also how a shard re-resolves a flow or band it has fenced: the coordinator revives a
@@ -213,7 +213,7 @@ class Provision(_Msg, tag="provision"):
     priority: int
 
 
-class Provisioned(_Msg, tag="provisioned"):
+class Provisioned(_Msg, frozen=True, tag="provisioned"):
     req: int
     ok: bool
     reason: str
@@ -227,7 +227,7 @@ class Provisioned(_Msg, tag="provisioned"):
     band_name: str = ""
 
 
-class Vote(_Msg, tag="vote"):
+class Vote(_Msg, frozen=True, tag="vote"):
     """A shard's answer to Prepare: yes means it fenced (kind, slot, gen) and holds nothing in it."""
 
     txn: int
@@ -236,19 +236,19 @@ class Vote(_Msg, tag="vote"):
     reason: str = ""
 
 
-class ShardDrained(_Msg, tag="shard_drained"):
+class ShardDrained(_Msg, frozen=True, tag="shard_drained"):
     """A draining shard has nothing queued and no unit outstanding; it may be stopped."""
 
     shard_id: int
 
 
 # --- internal socket: GC process ------------------------------------------------------------
-class GcHello(_Msg, tag="gc_hello"):
+class GcHello(_Msg, frozen=True, tag="gc_hello"):
     token: str
     pid: int
 
 
-class Retire(_Msg, tag="retire"):
+class Retire(_Msg, frozen=True, tag="retire"):
     """Phase 1: mark an idle entity RETIRING (only if it is still ACTIVE at ``gen`` and idle)."""
 
     txn: int
@@ -257,7 +257,7 @@ class Retire(_Msg, tag="retire"):
     gen: int
 
 
-class Prepare(_Msg, tag="prepare"):
+class Prepare(_Msg, frozen=True, tag="prepare"):
     """Phase 2a (GC -> coordinator -> every shard): vote, and fence on yes."""
 
     txn: int
@@ -266,7 +266,7 @@ class Prepare(_Msg, tag="prepare"):
     gen: int
 
 
-class PrepareSent(_Msg, tag="prepare_sent"):
+class PrepareSent(_Msg, frozen=True, tag="prepare_sent"):
     """Coordinator -> GC: Prepare went to these shards (or nowhere, with a reason)."""
 
     txn: int
@@ -275,7 +275,7 @@ class PrepareSent(_Msg, tag="prepare_sent"):
     reason: str = ""
 
 
-class Commit(_Msg, tag="commit"):
+class Commit(_Msg, frozen=True, tag="commit"):
     """Phase 2b: free the entity everywhere. Refused by the coordinator if it was revived."""
 
     txn: int
@@ -284,7 +284,7 @@ class Commit(_Msg, tag="commit"):
     gen: int
 
 
-class Abort(_Msg, tag="abort"):
+class Abort(_Msg, frozen=True, tag="abort"):
     """Phase 2b (or a revival): unfence and keep the entity ACTIVE. Idempotent."""
 
     txn: int
@@ -294,11 +294,11 @@ class Abort(_Msg, tag="abort"):
 
 
 # --- coordinator -> shard ---------------------------------------------------------------------
-class SetDraining(_Msg, tag="set_draining"):
+class SetDraining(_Msg, frozen=True, tag="set_draining"):
     pass
 
 
-class Shutdown(_Msg, tag="shutdown"):
+class Shutdown(_Msg, frozen=True, tag="shutdown"):
     reason: str
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 from typing import final
 
-import posix_ipc  # type: ignore[import-untyped]
+import posix_ipc  # type: ignore[import-not-found]
 
 from ipc import shm_layout as L
 from ipc.errors import SegmentError

@@ -23,9 +23,30 @@ re-validating it against ``(slot, generation)`` (GC's Retire/Prepare/Commit all 
 
 from __future__ import annotations
 
-from typing import Final, final
+from typing import Final, Protocol, final
 
-__all__ = ["BandState", "Layout", "MAGIC", "NO_PRIORITY", "ShardState", "VERSION"]
+__all__ = [
+    "MAGIC",
+    "NO_PRIORITY",
+    "VERSION",
+    "BandState",
+    "Layout",
+    "ShardState",
+    "Words",
+    "WordsView",
+]
+
+
+class WordsView(Protocol):
+    """Read access to the segment's int64 words (``memoryview.cast("q")``, or a list in tests)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
+class Words(WordsView, Protocol):
+    """Read-write access to the segment's int64 words."""
+
+    def __setitem__(self, index: int, value: int, /) -> None: ...
 
 MAGIC: Final = 0x42414E4447415445  # "BANDGATE"
 VERSION: Final = 1
@@ -75,7 +96,22 @@ S_PID = 8
 # QD_BLOCK words per outcome code 1..6: a count per bucket of QUEUE_BUCKETS, one for +Inf, then the
 # sum in ns. Dispatch cycle duration: one block of CYCLE_BLOCK words for CYCLE_BUCKETS.
 QUEUE_BUCKETS: Final = (
-    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0001,
+    0.0005,
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )  # GIE's request_queue_duration_seconds buckets
 CYCLE_BUCKETS: Final = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1)
 QD_BLOCK: Final = len(QUEUE_BUCKETS) + 2

@@ -254,6 +254,13 @@ class _Core:
         self.closed = False
         self.refreshing: asyncio.Task[None] | None = None
         self.connect_lock: asyncio.Lock | None = None
+        self.tasks: set[asyncio.Future[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        """Run a background task, keeping a reference until it ends (the loop keeps weak ones)."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def call_in_loop(self, fn: Any) -> None:
         loop = self.loop
@@ -429,7 +436,7 @@ class _Core:
             shard.draining = True
             p.shard = None
             if not p.cancelled:
-                asyncio.ensure_future(self._resubmit(p))
+                self.spawn(self._resubmit(p))
             return
         if p.cancelled or p.future.done():
             # Its awaiting task is gone: a dispatch that crossed our Cancel is given back now.
@@ -464,7 +471,7 @@ class _Core:
         for p in pending:
             p.shard = None
             if not p.cancelled:
-                asyncio.ensure_future(self._resubmit(p))
+                self.spawn(self._resubmit(p))
 
     # -- control ----------------------------------------------------------------------------------
     async def control_request(self, msg: object) -> Any:

@@ -62,8 +62,6 @@ __all__ = [
     "DEFAULT_FAIRNESS",
     "DEFAULT_FLOW_GC_TIMEOUT",
     "DEFAULT_GC_PHASE_DELAY",
-    "DEFAULT_METRICS_ADDR",
-    "DEFAULT_METRICS_MAX_FLOWS",
     "DEFAULT_GC_PREPARE_TIMEOUT",
     "DEFAULT_LOG_LEVEL",
     "DEFAULT_MAX_BANDS",
@@ -71,6 +69,8 @@ __all__ = [
     "DEFAULT_MAX_FLOWS",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_MAX_INFLIGHT",
+    "DEFAULT_METRICS_ADDR",
+    "DEFAULT_METRICS_MAX_FLOWS",
     "DEFAULT_ORDERING",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "DEFAULT_SOCKET_GROUP",
@@ -692,7 +692,7 @@ VARIABLES: Final[tuple[Variable, ...]] = (
         "BANDGATE_METRICS_MAX_FLOWS",
         str(DEFAULT_METRICS_MAX_FLOWS),
         "Most flow ids exported as metric labels (the busiest); the rest are summed under "
-        "fairness_id=\"other\". An integer from 1 to 100000.",
+        'fairness_id="other". An integer from 1 to 100000.',
     ),
 )
 
@@ -1063,7 +1063,9 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     )
 
     raw = take("BANDGATE_METRICS_ADDR")
-    metrics_addr = DEFAULT_METRICS_ADDR if raw is None else _listen_addr("BANDGATE_METRICS_ADDR", raw)
+    metrics_addr = (
+        DEFAULT_METRICS_ADDR if raw is None else _listen_addr("BANDGATE_METRICS_ADDR", raw)
+    )
     raw = take("BANDGATE_METRICS_MAX_FLOWS")
     metrics_max_flows = (
         DEFAULT_METRICS_MAX_FLOWS

@@ -53,7 +53,6 @@ from ipc.messages import (
     Abort,
     Ack,
     Commit,
-    EntityKind,
     ErrorReply,
     GcHello,
     GetBands,
@@ -314,7 +313,9 @@ class Coordinator:
             try:
                 await self.metrics.start(cfg.metrics_addr)
             except OSError as exc:
-                raise BootFailed(f"BANDGATE_METRICS_ADDR={cfg.metrics_addr}: cannot listen: {exc.strerror or exc}") from None
+                raise BootFailed(
+                    f"BANDGATE_METRICS_ADDR={cfg.metrics_addr}: cannot listen: {exc.strerror or exc}"
+                ) from None
         print(
             f"bandgate ready socket_dir={self.dir} shards={cfg.shards} pid={os.getpid()}",
             flush=True,
@@ -759,7 +760,9 @@ class Coordinator:
         assert seg is not None and registry is not None
         w = seg.words
         layout = seg.layout
-        rows = [layout.lease_row(s) for s in range(layout.max_shards) if w[layout.shard(s) + L.SH_STATE]]
+        rows = [
+            layout.lease_row(s) for s in range(layout.max_shards) if w[layout.shard(s) + L.SH_STATE]
+        ]
         found = []
         for slot, flow in registry.flows.items():
             offset = slot * L.LEASE_WORDS
@@ -784,8 +787,20 @@ class Coordinator:
             fresh = time.monotonic_ns() < w[L.H_SAT_EXPIRES_NS]
             left = max(0, int(w[L.H_SAT_LIMIT]) - self.total_dispatched())
             saturated = saturated or not fresh or left == 0
-            return {"source": "external", "saturated": saturated, "budget_free": budget_free, "allowance_left": left, "fresh": fresh}
-        return {"source": "budget", "saturated": saturated, "budget_free": budget_free, "allowance_left": None, "fresh": None}
+            return {
+                "source": "external",
+                "saturated": saturated,
+                "budget_free": budget_free,
+                "allowance_left": left,
+                "fresh": fresh,
+            }
+        return {
+            "source": "budget",
+            "saturated": saturated,
+            "budget_free": budget_free,
+            "allowance_left": None,
+            "fresh": None,
+        }
 
     def health_problems(self) -> list[str]:
         """Why the daemon is not healthy: every shard and the GC process must be up."""

@@ -17,7 +17,10 @@ instead of trusting a stale "not saturated" for a whole refresh period:
   where GIE would stop. Stale, failing, unparsable or over-threshold upstreams allow 0 (fail
   closed), so no fresh upstream means allowance 0, and an empty pool too.
 - Requests the gateway routed to an upstream after the scrape that produced its reading was sent
-  may be missing from that reading; they are subtracted from its allowance (:meth:`note_routed`).
+  may be missing from that reading, and so may those sent a moment before it (still on the wire,
+  or being tokenised by the server): every request routed since the *previous* scrape round was
+  sent is subtracted from its allowance (:meth:`note_routed`). This counts some requests twice,
+  so the allowance errs low by at most one interval's worth of routed requests, never high.
 - After every scrape round it reports ``(sum of allowances, valid_for)``: the daemon dispatches at
   most that many more requests, counted over all shards from the moment of the report, and treats
   the pool as saturated if no newer report arrives within ``valid_for`` (the time until the
@@ -26,8 +29,8 @@ instead of trusting a stale "not saturated" for a whole refresh period:
 Invariants: a reading older than the staleness threshold never contributes; a scrape never
 blocks longer than half the staleness threshold (so the readings of the others are still fresh
 when it ends); a failure is logged once when it starts and once when it ends, never per scrape.
-Residual overshoot: requests that reach an upstream's waiting queue later than a scrape sent
-after they were routed (in flight on the wire, or still being tokenised by the server).
+Residual overshoot: only requests that a server takes longer than one scrape interval to count
+as waiting after the gateway sent them.
 """
 
 from __future__ import annotations
@@ -245,7 +248,9 @@ class UpstreamState:
         metrics_url: Its ``/metrics`` URL.
         reading: The last successful reading, or None.
         scraped_at: Monotonic time the scrape that produced ``reading`` was sent.
-        routed_at_scrape: Value of ``routed`` when that scrape was sent.
+        routed_at_scrape: Value of ``routed`` when the scrape round before that one was sent:
+            requests routed since may be missing from ``reading``.
+        routed_at_send: Value of ``routed`` when the last scrape was sent.
         error: Why the last scrape failed; empty if it succeeded.
         allowance: This upstream's part of the last report.
         routed: Requests the gateway routed to it (cumulative).
@@ -260,6 +265,7 @@ class UpstreamState:
         "routed",
         "routed_at_report",
         "routed_at_scrape",
+        "routed_at_send",
         "scraped_at",
         "url",
     )
@@ -270,7 +276,8 @@ class UpstreamState:
         self.reading: Reading | None = None
         self.scraped_at: float | None = None
         self.routed_at_scrape = 0
-        self.error = "not scraped yet"
+        self.routed_at_send = 0
+        self.error = ""
         self.allowance = 0
         self.routed = 0
         self.routed_at_report = 0
@@ -359,7 +366,10 @@ class Detector:
 
     async def _scrape(self, state: UpstreamState) -> None:
         sent = self.clock()
-        mark = state.routed
+        # Count from the previous round's send: a server may not have queued a request it was
+        # sent a moment before this scrape (in flight, being tokenised) when it answers.
+        mark = state.routed_at_send
+        state.routed_at_send = state.routed
         try:
             async with self.session.get(state.metrics_url, timeout=self._timeout) as resp:
                 if resp.status != 200:
@@ -397,7 +407,7 @@ class Detector:
             allowance = 0
             if state.fresh(now, staleness):
                 allowance = upstream_allowance(state.reading, self.thresholds)
-                # Requests routed after the scrape was sent may be missing from its reading.
+                # Requests routed since the round before it may be missing from its reading.
                 allowance = max(0, allowance - (state.routed - state.routed_at_scrape))
                 if allowance > 0:
                     assert state.scraped_at is not None

@@ -92,7 +92,7 @@ class GcPlanner:
         self.band_idle_since: dict[tuple[int, int], int] = {}
 
     def plan(
-        self, words: Sequence[int], layout: L.Layout, live_shards: Sequence[int], now_ns: int
+        self, words: L.WordsView, layout: L.Layout, live_shards: Sequence[int], now_ns: int
     ) -> list[Candidate]:
         out: list[Candidate] = []
         w = words

@@ -84,8 +84,16 @@ class _Collector:
         stats = coord.stats()
 
         # -- per-flow queue gauges (GIE names), capped cardinality
-        size = GaugeMetricFamily(GIE + "queue_size", "Requests queued, by flow and priority.", labels=["fairness_id", "priority"])
-        qbytes = GaugeMetricFamily(GIE + "queue_bytes", "Bytes queued, by flow and priority.", labels=["fairness_id", "priority"])
+        size = GaugeMetricFamily(
+            GIE + "queue_size",
+            "Requests queued, by flow and priority.",
+            labels=["fairness_id", "priority"],
+        )
+        qbytes = GaugeMetricFamily(
+            GIE + "queue_bytes",
+            "Bytes queued, by flow and priority.",
+            labels=["fairness_id", "priority"],
+        )
         rows = [layout.lease_row(s) for s in live]
         per_flow = []
         for slot, flow in registry.flows.items():
@@ -123,12 +131,16 @@ class _Collector:
             "Time from arrival at a shard to the request's outcome, by outcome.",
             labels=["outcome"],
         )
-        requests = CounterMetricFamily("bandgate_requests", "Requests by outcome.", labels=["outcome"])
+        requests = CounterMetricFamily(
+            "bandgate_requests", "Requests by outcome.", labels=["outcome"]
+        )
         for code in range(1, 7):
             start = (code - 1) * L.QD_BLOCK
             counts = hist[start : start + L.QD_BLOCK - 1]
             outcome = OUTCOME_BY_CODE[code].value
-            _histogram("", "", L.QUEUE_BUCKETS, counts, hist[start + L.QD_BLOCK - 1], [], [outcome], qd)
+            _histogram(
+                "", "", L.QUEUE_BUCKETS, counts, hist[start + L.QD_BLOCK - 1], [], [outcome], qd
+            )
             requests.add_metric([outcome], sum(counts))
         yield qd
         yield requests
@@ -147,17 +159,41 @@ class _Collector:
         sat = stats["saturation"]
         limit = stats["max_inflight"]
         level = 1.0 if sat["saturated"] else (stats["inflight"] / limit if limit else 0.0)
-        yield GaugeMetricFamily(GIE + "pool_saturation", "1.0 = saturated: the budget is used up or the external credit is spent or stale.", value=level)
-        band_util = GaugeMetricFamily("bandgate_band_capacity_utilisation", "Queued bytes of a band over its limit.", labels=["priority", "name"])
+        yield GaugeMetricFamily(
+            GIE + "pool_saturation",
+            "1.0 = saturated: the budget is used up or the external credit is spent or stale.",
+            value=level,
+        )
+        band_util = GaugeMetricFamily(
+            "bandgate_band_capacity_utilisation",
+            "Queued bytes of a band over its limit.",
+            labels=["priority", "name"],
+        )
         for priority, band in stats["bands"].items():
-            band_util.add_metric([str(priority), band["name"]], band["bytes"] / band["capacity_bytes"])
+            band_util.add_metric(
+                [str(priority), band["name"]], band["bytes"] / band["capacity_bytes"]
+            )
         yield band_util
         if stats["max_bytes"]:
-            yield GaugeMetricFamily("bandgate_capacity_utilisation", "Queued bytes over BANDGATE_MAX_BYTES.", value=stats["bytes"] / stats["max_bytes"])
-        yield GaugeMetricFamily("bandgate_budget_in_use", "Dispatched requests not yet released.", value=stats["inflight"])
-        yield GaugeMetricFamily("bandgate_budget_limit", "BANDGATE_MAX_INFLIGHT (0 = no limit).", value=limit)
-        yield GaugeMetricFamily("bandgate_queued_requests", "Requests queued in the whole daemon.", value=stats["len"])
-        yield GaugeMetricFamily("bandgate_queued_bytes", "Bytes queued in the whole daemon.", value=stats["bytes"])
+            yield GaugeMetricFamily(
+                "bandgate_capacity_utilisation",
+                "Queued bytes over BANDGATE_MAX_BYTES.",
+                value=stats["bytes"] / stats["max_bytes"],
+            )
+        yield GaugeMetricFamily(
+            "bandgate_budget_in_use",
+            "Dispatched requests not yet released.",
+            value=stats["inflight"],
+        )
+        yield GaugeMetricFamily(
+            "bandgate_budget_limit", "BANDGATE_MAX_INFLIGHT (0 = no limit).", value=limit
+        )
+        yield GaugeMetricFamily(
+            "bandgate_queued_requests", "Requests queued in the whole daemon.", value=stats["len"]
+        )
+        yield GaugeMetricFamily(
+            "bandgate_queued_bytes", "Bytes queued in the whole daemon.", value=stats["bytes"]
+        )
 
         # -- lifecycle
         yield GaugeMetricFamily("bandgate_flows", "Live flows.", value=stats["flows"])
@@ -169,21 +205,33 @@ class _Collector:
             by_state.add_metric([state], n)
         yield by_state
         gc = stats["gc"]
-        removals = CounterMetricFamily("bandgate_gc_removals", "Flows and bands removed by GC.", labels=["kind"])
+        removals = CounterMetricFamily(
+            "bandgate_gc_removals", "Flows and bands removed by GC.", labels=["kind"]
+        )
         removals.add_metric(["flow"], gc["flows_removed"])
         removals.add_metric(["band"], gc["bands_removed"])
         yield removals
-        yield CounterMetricFamily("bandgate_gc_aborts", "Two-phase removals aborted (a shard said no or did not answer).", value=gc["aborts"])
-        yield CounterMetricFamily("bandgate_gc_revivals", "Retiring flows or bands revived by a request.", value=gc["revivals"])
-        restarts = CounterMetricFamily("bandgate_restarts", "Processes restarted after a crash.", labels=["role"])
+        yield CounterMetricFamily(
+            "bandgate_gc_aborts",
+            "Two-phase removals aborted (a shard said no or did not answer).",
+            value=gc["aborts"],
+        )
+        yield CounterMetricFamily(
+            "bandgate_gc_revivals",
+            "Retiring flows or bands revived by a request.",
+            value=gc["revivals"],
+        )
+        restarts = CounterMetricFamily(
+            "bandgate_restarts", "Processes restarted after a crash.", labels=["role"]
+        )
         restarts.add_metric(["shard"], stats["restarts"]["shard_restarts"])
         restarts.add_metric(["gc"], stats["restarts"]["gc_restarts"])
         yield restarts
         shards = GaugeMetricFamily("bandgate_shards", "Shard processes by state.", labels=["state"])
-        counts: dict[str, int] = {"active": 0, "draining": 0, "starting": 0}
+        by_shard_state: dict[str, int] = {"active": 0, "draining": 0, "starting": 0}
         for shard in stats["shards"]:
-            counts[shard["state"]] = counts.get(shard["state"], 0) + 1
-        for state, n in counts.items():
+            by_shard_state[shard["state"]] = by_shard_state.get(shard["state"], 0) + 1
+        for state, n in by_shard_state.items():
             shards.add_metric([state], n)
         yield shards
 
@@ -195,7 +243,7 @@ class MetricsServer:
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(coord))  # type: ignore[arg-type]
+        self.registry.register(_Collector(coord))
         self.server: asyncio.AbstractServer | None = None
         self.address = ""
 
@@ -221,7 +269,12 @@ class MetricsServer:
             head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             writer.write(head.encode() + body)
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             pass
         finally:
             writer.close()
@@ -234,11 +287,19 @@ class MetricsServer:
         if path == "/metrics":
             started = time.perf_counter()
             body = generate_latest(self.registry)
-            log.debug("metrics rendered bytes=%d ms=%.2f", len(body), (time.perf_counter() - started) * 1e3)
+            log.debug(
+                "metrics rendered bytes=%d ms=%.2f",
+                len(body),
+                (time.perf_counter() - started) * 1e3,
+            )
             return "200 OK", CONTENT_TYPE_LATEST, body
         if path == "/healthz":
             problems = self.coord.health_problems()
             if problems:
-                return "503 Service Unavailable", "text/plain", ("\n".join(problems) + "\n").encode()
+                return (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    ("\n".join(problems) + "\n").encode(),
+                )
             return "200 OK", "text/plain", b"ok\n"
         return "404 Not Found", "text/plain", b"not found\n"

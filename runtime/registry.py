@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Callable, Iterable, MutableSequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, final
 
@@ -114,7 +114,7 @@ class Registry:
 
     def __init__(
         self,
-        words: MutableSequence[int],
+        words: L.Words,
         layout: L.Layout,
         config: Config,
         clock_ns: Callable[[], int],

@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, MutableSequence
+from collections.abc import Callable
 from typing import Final, final
 
 from ipc import shm_layout as L
 from runtime.policies import fairness as new_fairness, new_queue, ordering as get_ordering
+from runtime.policies.fairness import FairnessPolicy
+from runtime.policies.queues import SafeQueue
 
 __all__ = ["Band", "Flow", "Request", "ShardCore"]
 
@@ -101,7 +103,7 @@ class Flow:
         self.gen = gen
         self.band = band
         self.ordering = get_ordering(ordering_name)
-        self.queue = new_queue(self.ordering)
+        self.queue: SafeQueue[Request] = new_queue(self.ordering)
         self.fenced = False
         self.lease_base = 0
 
@@ -133,7 +135,7 @@ class Band:
         self.gen = gen
         self.name = name
         self.capacity = capacity
-        self.fairness = new_fairness(fairness)
+        self.fairness: FairnessPolicy[Flow] = new_fairness(fairness)
         self.flows: dict[str, Flow] = {}
         self.len = 0
         self.bytes = 0
@@ -153,7 +155,7 @@ class ShardCore:
 
     def __init__(
         self,
-        words: MutableSequence[int],
+        words: L.Words,
         layout: L.Layout,
         shard_id: int,
         fairness: str,

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from bisect import bisect_left
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ import signal
 import socket
 import sys
 import time
+from bisect import bisect_left
 from typing import NoReturn, final
 
 import msgspec

@@ -128,7 +128,13 @@ def render(cur: Sample, prev: Sample | None, width: int = 100, source: str = "")
     dt = cur.at - prev.at if prev is not None else 0.0
     p = prev.stats if prev is not None else None
     lines: list[str] = []
-    title = f"bandgate top  pid {_num(s.get('pid'))}  {time.strftime('%H:%M:%S')}"
+    restarts = s.get("restarts")
+    if isinstance(restarts, Mapping):
+        restarts = sum(int(v) for v in restarts.values())
+    title = (
+        f"bandgate top  {time.strftime('%H:%M:%S')}  pid {_num(s.get('pid'))}  "
+        f"gc pid {_num(s.get('gc_pid'))}  restarts {_num(restarts)}"
+    )
     if source:
         title += f"  {source}"
     lines.append(title)
@@ -204,13 +210,9 @@ def render(cur: Sample, prev: Sample | None, width: int = 100, source: str = "")
             return str(value)
         return f"{value} (+{max(0, value - before)})"
 
-    restarts = s.get("restarts")
-    if isinstance(restarts, Mapping):
-        restarts = sum(int(v) for v in restarts.values())
     lines.append(
         f"GC  flows removed {counter('flows_removed')}  bands removed {counter('bands_removed')}  "
-        f"aborts {counter('aborts')}  revivals {counter('revivals')}  "
-        f"gc pid {_num(s.get('gc_pid'))}  restarts {_num(restarts)}"
+        f"aborts {counter('aborts')}  revivals {counter('revivals')}"
     )
     return [line[:width] for line in lines]
 
@@ -348,8 +350,8 @@ def _once(source: _Source, interval: float) -> int:
         return ExitCode.ERROR
     except KeyboardInterrupt:
         return ExitCode.OK
-    width = shutil.get_terminal_size((100, 40)).columns
-    print("\n".join(render(second, first, max(width, 100), source.label)))
+    width = shutil.get_terminal_size((200, 40)).columns if sys.stdout.isatty() else 200
+    print("\n".join(render(second, first, width, source.label)))
     return ExitCode.OK
 
 

@@ -8,7 +8,7 @@ import gc as pygc
 import psutil
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.stress]
+pytestmark = [pytest.mark.integration, pytest.mark.stress, pytest.mark.timeout(400)]
 
 
 def daemon_rss(pids: list[int]) -> int:

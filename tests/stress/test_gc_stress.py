@@ -32,7 +32,17 @@ def test_gc_churn_never_loses_or_rejects_a_request(start_daemon, soak):
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.stress._load", d.socket_dir, str(seed), str(requests), str(concurrency), "100,1,2,3,4,5,6,7,8,-100", "6"],
+            [
+                sys.executable,
+                "-m",
+                "tests.stress._load",
+                d.socket_dir,
+                str(seed),
+                str(requests),
+                str(concurrency),
+                "100,1,2,3,4,5,6,7,8,-100",
+                "6",
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -67,7 +77,11 @@ def test_gc_churn_never_loses_or_rejects_a_request(start_daemon, soak):
         # the races were really run: requests revived retiring entities or made shards vote no
         assert gc["revivals"] + gc["aborts"] >= 5, gc
         wait_until(lambda: c.stats()["flows"] == 0, timeout=20, what="every flow collected")
-        wait_until(lambda: set(c.stats()["bands"]) == {100, -100}, timeout=20, what="only static bands left")
+        wait_until(
+            lambda: set(c.stats()["bands"]) == {100, -100},
+            timeout=20,
+            what="only static bands left",
+        )
         final = c.stats()
         assert final["len"] == 0 and final["bytes"] == 0 and final["inflight"] == 0
         print(f"stress: requests={expected} gc={final['gc']}")

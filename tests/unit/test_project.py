@@ -19,7 +19,9 @@ def test_ipc_never_imports_runtime():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if n == "runtime" or n.startswith("runtime.")]
+            offenders += [
+                f"{path.name}: {n}" for n in names if n == "runtime" or n.startswith("runtime.")
+            ]
     assert offenders == []
 
 
@@ -40,7 +42,11 @@ def test_every_variable_read_by_the_code_is_declared():
     used = set()
     for path in [*(ROOT / "runtime").rglob("*.py"), *(ROOT / "ipc").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("BANDGATE_"):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value.startswith("BANDGATE_")
+            ):
                 name = node.value.split("=")[0].split(" ")[0].rstrip(":,.)'")
                 if name.isupper() and name != "BANDGATE_":
                     used.add(name)

@@ -150,7 +150,7 @@ def test_provision_revives_a_retiring_flow_and_band_and_returns_aborts():
     reg.commit(6, FLOW, flow.slot, flow.gen)
     reg.retire(7, BAND, band.slot, band.gen)
     assert reg.preparable(7, BAND, band.slot, band.gen) == ""
-    flow2, band2, aborts = reg.provision("b", 99)
+    _flow2, band2, aborts = reg.provision("b", 99)
     assert band2 is band and band.state == ACTIVE
     assert aborts == [Abort(7, BAND, band.slot, band.gen)]
     assert reg.preparable(7, BAND, band.slot, band.gen) != ""
