@@ -404,6 +404,11 @@ class _Core:
         """Send ``p`` to a live active shard, refreshing the topology as needed."""
         deadline = p.started + RESUBMIT_TIMEOUT
         attempt = 0
+        seg, topo = self.segment, self.topology
+        if seg is not None and topo is not None and seg.words[L.H_EPOCH] != topo.epoch:
+            # Shards were added, drained or replaced: learn the new topology first.
+            with contextlib.suppress(BandgateError, OSError):
+                await self.refresh()
         while True:
             info = self.choose(p)
             if info is not None:
@@ -426,8 +431,13 @@ class _Core:
             attempt += 1
             # GIE's draining retry: a short random sleep, then the topology again.
             await asyncio.sleep(min(0.001 * attempt, 0.05) * (1 + random.random()))
-            with contextlib.suppress(BandgateError, OSError):
+            try:
                 await self.refresh()
+            except DaemonUnavailable as exc:
+                self.finish(p, OutcomeCode.EVICTED_OTHER, f"daemon gone: {exc}", time.monotonic() - p.started)
+                return
+            except (BandgateError, OSError):
+                pass
 
     def decided(self, shard: _ShardConn, p: _Pending, msg: Decided) -> None:
         if msg.flow_slot >= 0:

@@ -212,15 +212,17 @@ class ShardWorker:
         self.words[self.stats_base + L.S_PID] = os.getpid()
 
         self._bind_wake()
+        # The coordinator link first: a client may connect the moment the socket exists (a
+        # restarted shard keeps its path), and its first request may need a Provision.
+        _, link = await self.loop.create_unix_connection(
+            lambda: CoordinatorLink(self), self.spec.internal_path
+        )
+        self.link = link
         path = shard_socket_path(self.config.socket_dir, self.shard_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.server = await self.loop.create_unix_server(lambda: ClientConn(self), path)
         os.chmod(path, 0o660 if self.config.socket_group else 0o600)
-        _, link = await self.loop.create_unix_connection(
-            lambda: CoordinatorLink(self), self.spec.internal_path
-        )
-        self.link = link
         link.send(codec.encode(ShardHello(self.spec.token, self.shard_id, os.getpid())))
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "shutting down")
         self.refresh_others()
