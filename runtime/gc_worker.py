@@ -178,6 +178,7 @@ class Removal:
         self.deadline = 0.0
         self.result = ""
         self.reason = ""
+        self.timer_set = False  # the process has armed the vote-deadline timer
 
     def _msg(
         self, cls: type[Retire] | type[Prepare] | type[Commit] | type[Abort]
@@ -278,6 +279,8 @@ class GcProcess:
         self.loop = asyncio.get_running_loop()
         self.done = self.loop.create_future()
         self.counts = {REMOVED: 0, ABORTED: 0, SKIPPED: 0}
+        self.summary_counts = dict(self.counts)
+        self.summary_at = time.monotonic()
 
     async def run(self) -> int:
         _, link = await self.loop.create_unix_connection(
@@ -328,14 +331,32 @@ class GcProcess:
             len(self.removals),
             (time.perf_counter() - started) * 1e3,
         )
-        if self.removals:
-            self.loop.call_later(self.config.gc_prepare_timeout, self.tick)
+        self.log_summary()
         self.loop.call_later(self.config.gc_interval, self.cycle)
 
-    def tick(self) -> None:
-        now = self.clock()
-        for removal in list(self.removals.values()):
-            self.send(removal, removal.on_tick(now))
+    def log_summary(self) -> None:
+        """GC removals at INFO, summed over at most a second so churn cannot flood the log."""
+        now = time.monotonic()
+        if now - self.summary_at < 1.0:
+            return
+        done = {k: v - self.summary_counts[k] for k, v in self.counts.items()}
+        if done[REMOVED] or done[ABORTED]:
+            log.info(
+                "gc removed=%d aborted=%d skipped=%d in_flight=%d over_s=%.1f",
+                done[REMOVED],
+                done[ABORTED],
+                done[SKIPPED],
+                len(self.removals),
+                now - self.summary_at,
+            )
+        self.summary_at = now
+        self.summary_counts = dict(self.counts)
+
+    def vote_deadline(self, txn: int) -> None:
+        """A removal's vote timeout (one timer per removal in VOTING; nothing polls)."""
+        removal = self.removals.get(txn)
+        if removal is not None:
+            self.send(removal, removal.on_tick(self.clock()))
 
     def send(self, removal: Removal, msgs: list[object]) -> None:
         delay = self.config.gc_phase_delay
@@ -354,6 +375,11 @@ class GcProcess:
             self.link.send(codec.encode(msg))
         if removal.state == DONE:
             self.finished(removal)
+        elif removal.state == VOTING and not removal.timer_set:
+            removal.timer_set = True
+            self.loop.call_later(
+                max(0.0, removal.deadline - self.clock()), self.vote_deadline, removal.txn
+            )
 
     def finished(self, removal: Removal) -> None:
         self.removals.pop(removal.txn, None)
