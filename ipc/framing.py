@@ -86,6 +86,9 @@ class FramedProtocol(asyncio.Protocol, abc.ABC):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._out.clear()
+        if self._inbuf:
+            self.truncated(len(self._inbuf))
+            self._inbuf.clear()
         self.on_close(exc)
 
     # -- for subclasses ------------------------------------------------------------------------
@@ -99,6 +102,9 @@ class FramedProtocol(asyncio.Protocol, abc.ABC):
     def protocol_failed(self, exc: Exception) -> None:
         """The peer broke framing; the default closes the connection."""
         self.close()
+
+    def truncated(self, size: int) -> None:
+        """The peer closed in the middle of a frame (``size`` bytes of it were received)."""
 
     # -- sending -------------------------------------------------------------------------------
     def send(self, payload: bytes) -> None:

@@ -48,6 +48,7 @@ class Words(WordsView, Protocol):
 
     def __setitem__(self, index: int, value: int, /) -> None: ...
 
+
 MAGIC: Final = 0x42414E4447415445  # "BANDGATE"
 VERSION: Final = 1
 NO_PRIORITY: Final = -(2**63)  # "no waiting band" in a stats row's TOP_WAITING word

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="bandgate",
         description="Flow-control daemon for LLM inference traffic: strict priority bands, "
         "fair flows, TTLs, byte limits and a global concurrency budget.",
+        epilog="The daemon is configured by BANDGATE_* environment variables: "
+        "see 'bandgate serve --help' for the list.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(

@@ -366,9 +366,15 @@ class _Core:
             return await p.future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             p.cancelled = True
-            shard = p.shard
-            if shard is not None and not shard.closed and p.id in shard.pending:
-                shard.send(codec.encode(Cancel(p.id)))
+            fut = p.future
+            if fut.done() and not fut.cancelled():
+                # The outcome arrived before our task resumed: nobody will see this admission,
+                # so a dispatched one gives its unit back here.
+                fut.result()._release_now()
+            else:
+                shard = p.shard
+                if shard is not None and not shard.closed and p.id in shard.pending:
+                    shard.send(codec.encode(Cancel(p.id)))
             raise
 
     def choose(self, p: _Pending) -> Any:
@@ -434,7 +440,12 @@ class _Core:
             try:
                 await self.refresh()
             except DaemonUnavailable as exc:
-                self.finish(p, OutcomeCode.EVICTED_OTHER, f"daemon gone: {exc}", time.monotonic() - p.started)
+                self.finish(
+                    p,
+                    OutcomeCode.EVICTED_OTHER,
+                    f"daemon gone: {exc}",
+                    time.monotonic() - p.started,
+                )
                 return
             except (BandgateError, OSError):
                 pass

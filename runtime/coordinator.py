@@ -143,7 +143,12 @@ class ControlConn(FramedProtocol):
             except codec.DecodeError as exc:
                 self.fail("bad_message", f"undecodable message: {exc}")
                 return
-            reply = self.coord.on_control(msg)
+            try:
+                reply = self.coord.on_control(msg)
+            except Exception as exc:  # a bug must cost this request, not the connection's peer
+                log.exception("control request %s failed", type(msg).__name__)
+                self.fail("internal_error", f"{type(msg).__name__} failed: {exc}")
+                return
             if reply is None:
                 self.fail("unexpected_message", f"{type(msg).__name__} is not a control request")
                 return
@@ -156,6 +161,11 @@ class ControlConn(FramedProtocol):
 
     def protocol_failed(self, exc: Exception) -> None:
         self.fail("bad_frame", str(exc))
+
+    def truncated(self, size: int) -> None:
+        log.warning(
+            "closing control connection: truncated_frame: %d bytes of an unfinished frame", size
+        )
 
 
 @final
@@ -599,15 +609,32 @@ class Coordinator:
         if t is GetBands:
             return JsonReply(json.dumps(self.bands()).encode())
         if t is Reconcile:
-            assert self.registry is not None
-            for abort in self.registry.reconcile(msg.priorities):  # type: ignore[attr-defined]
-                self.broadcast(abort)
-            return Ack(True, "")
+            return self.reconcile(msg.priorities)  # type: ignore[attr-defined]
         if t is ScaleShards:
             return self.scale(msg.n)  # type: ignore[attr-defined]
         if t is ReportSaturation:
             return self.report_saturation(msg.allowance, msg.valid_for)  # type: ignore[attr-defined]
         return None
+
+    def reconcile(self, priorities: tuple[int, ...]) -> Ack:
+        """Apply a desired set of bands, all or nothing."""
+        registry = self.registry
+        assert registry is not None
+        for priority in priorities:
+            problem = check_admission("x", priority, 0, None)
+            if problem:
+                return Ack(False, problem)
+        new = {p for p in priorities if p not in registry.band_by_priority}
+        free = registry.layout.max_bands - len(registry.bands)
+        if len(new) > free:
+            return Ack(
+                False,
+                f"{len(new)} new bands do not fit: {free} free of {registry.layout.max_bands}"
+                " (BANDGATE_MAX_BANDS)",
+            )
+        for abort in registry.reconcile(priorities):
+            self.broadcast(abort)
+        return Ack(True, "")
 
     def total_dispatched(self) -> int:
         assert self.segment is not None
@@ -896,6 +923,8 @@ class Coordinator:
             self.budget = None
         if self.wake_sock is not None:
             self.wake_sock.close()
+        if self.lock_fd < 0:
+            return  # the directory is another daemon's (or was never ours): touch nothing in it
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self.dir):
                 if name.endswith(".sock"):

@@ -143,6 +143,11 @@ class ClientConn(FramedProtocol):
     def protocol_failed(self, exc: Exception) -> None:
         self.fail("bad_frame", str(exc))
 
+    def truncated(self, size: int) -> None:
+        log.warning(
+            "closing client connection: truncated_frame: %d bytes of an unfinished frame", size
+        )
+
     def on_close(self, exc: Exception | None) -> None:
         self.worker.conn_closed(self)
 

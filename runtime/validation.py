@@ -22,10 +22,13 @@ def check_admission(flow_id: object, priority: object, byte_size: object, ttl: o
         return f"flow_id must be a str, not {type(flow_id).__name__}"
     if not flow_id:
         return "flow_id must not be empty"
-    if (
-        len(flow_id) > MAX_FLOW_ID_BYTES
-        or len(flow_id.encode("utf-8", "surrogatepass")) > MAX_FLOW_ID_BYTES
-    ):
+    if len(flow_id) > MAX_FLOW_ID_BYTES:
+        return f"flow_id is longer than {MAX_FLOW_ID_BYTES} bytes of UTF-8"
+    try:
+        encoded = flow_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "flow_id must be encodable as UTF-8 (it contains a lone surrogate)"
+    if len(encoded) > MAX_FLOW_ID_BYTES:
         return f"flow_id is longer than {MAX_FLOW_ID_BYTES} bytes of UTF-8"
     if type(priority) is not int:
         return f"priority must be an int, not {type(priority).__name__}"

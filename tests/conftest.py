@@ -39,7 +39,12 @@ def soak(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--soak"))
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01, what: str = "condition") -> object:
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> object:
     """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -52,7 +57,9 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
 
 
 def shm_objects() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith(("bandgate.", "sem.bandgate."))}
+    return {
+        name for name in os.listdir("/dev/shm") if name.startswith(("bandgate.", "sem.bandgate."))
+    }
 
 
 class Daemon:
@@ -93,7 +100,9 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while not result:
             if self.proc.poll() is not None:
-                pytest.fail(f"daemon exited with {self.proc.returncode} before ready:\n{self.log()}")
+                pytest.fail(
+                    f"daemon exited with {self.proc.returncode} before ready:\n{self.log()}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"daemon not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.01)
@@ -212,7 +221,8 @@ def start_daemon() -> Iterator[Callable[..., Daemon]]:
                 problems.append(f"daemon exited {code}:\n{daemon.log()[-3000:]}")
         else:
             daemon.close_files()
-        def survivors() -> list[str]:
+
+        def survivors(pids: set[int] = pids) -> list[str]:
             alive = []
             for pid in pids:
                 with contextlib.suppress(psutil.NoSuchProcess):

@@ -72,7 +72,11 @@ def test_request_queued_longer_than_both_timeouts_is_dispatched(start_daemon):
         # are collected (the holder's unit stays out), ours must not be.
         wait_until(lambda: 50 not in c.stats()["bands"], what="holder's flow and band collected")
         stats = c.stats()
-        assert 7 in stats["bands"] and stats["bands"][7]["len"] == 1 and stats["bands"][7]["flows"] == 1
+        assert (
+            7 in stats["bands"]
+            and stats["bands"][7]["len"] == 1
+            and stats["bands"][7]["flows"] == 1
+        )
         hold.release()
         t.join(10)
         adm = result["adm"]
@@ -82,7 +86,13 @@ def test_request_queued_longer_than_both_timeouts_is_dispatched(start_daemon):
 
 
 def test_reconcile_adds_retires_after_draining_and_keeps_static(start_daemon):
-    d = start_daemon(MAX_INFLIGHT=1, BANDS="hi:100", FLOW_GC_TIMEOUT="200ms", BAND_GC_TIMEOUT="1h", GC_INTERVAL="20ms")
+    d = start_daemon(
+        MAX_INFLIGHT=1,
+        BANDS="hi:100",
+        FLOW_GC_TIMEOUT="200ms",
+        BAND_GC_TIMEOUT="1h",
+        GC_INTERVAL="20ms",
+    )
     with d.client() as c:
         c.reconcile_priorities([5, 6])
         rows = {b["priority"]: b["state"] for b in c.bands()}
@@ -110,7 +120,13 @@ def test_reconcile_adds_retires_after_draining_and_keeps_static(start_daemon):
 
 
 def test_flow_table_full_rejects_new_flows_only_until_gc_frees_slots(start_daemon):
-    d = start_daemon(MAX_INFLIGHT=1, MAX_FLOWS=16, FLOW_GC_TIMEOUT="100ms", BAND_GC_TIMEOUT="1h", GC_INTERVAL="20ms")
+    d = start_daemon(
+        MAX_INFLIGHT=1,
+        MAX_FLOWS=16,
+        FLOW_GC_TIMEOUT="100ms",
+        BAND_GC_TIMEOUT="1h",
+        GC_INTERVAL="20ms",
+    )
 
     async def scenario():
         async with d.async_client() as c:
@@ -145,6 +161,7 @@ def test_ten_thousand_first_requests_race_for_one_new_band(start_daemon):
 
     async def scenario():
         async with d.async_client() as c:
+
             async def one(i):
                 adm = await c.admit(f"racer-{i % 100}", 4242)
                 await adm.release()

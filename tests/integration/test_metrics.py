@@ -31,8 +31,14 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_cover_queues_outcomes_lifecycle_and_cap_flow_labels(start_daemon):
     d = start_daemon(
-        SHARDS=2, MAX_INFLIGHT=1, METRICS_ADDR="127.0.0.1:0", METRICS_MAX_FLOWS=2,
-        BANDS="hi:10", FLOW_GC_TIMEOUT="150ms", BAND_GC_TIMEOUT="300ms", GC_INTERVAL="20ms",
+        SHARDS=2,
+        MAX_INFLIGHT=1,
+        METRICS_ADDR="127.0.0.1:0",
+        METRICS_MAX_FLOWS=2,
+        BANDS="hi:10",
+        FLOW_GC_TIMEOUT="150ms",
+        BAND_GC_TIMEOUT="300ms",
+        GC_INTERVAL="20ms",
     )
 
     async def scenario():
@@ -40,7 +46,10 @@ def test_metrics_cover_queues_outcomes_lifecycle_and_cap_flow_labels(start_daemo
             addr = (await c.stats())["metrics_addr"]
             assert addr.startswith("127.0.0.1:")
             hold = await c.admit("holder", 10)
-            waiters = [asyncio.ensure_future(c.admit(f, 10, byte_size=100)) for f in ("a", "a", "a", "b", "b", "c")]
+            waiters = [
+                asyncio.ensure_future(c.admit(f, 10, byte_size=100))
+                for f in ("a", "a", "a", "b", "b", "c")
+            ]
             ttl = asyncio.ensure_future(c.admit("d", 10, ttl=0.05))
             while (await c.stats())["len"] < 6 or not ttl.done():
                 await asyncio.sleep(0.01)
@@ -53,12 +62,31 @@ def test_metrics_cover_queues_outcomes_lifecycle_and_cap_flow_labels(start_daemo
             # the third flow is over the cap of 2 labelled flows
             assert m[(q, (("fairness_id", "other"), ("priority", "10")))] == 1
             assert not any(k[0] == q and ("fairness_id", "c") in k[1] for k in m)
-            assert m[("inference_extension_flow_control_queue_bytes", (("fairness_id", "a"), ("priority", "10")))] == 300
+            assert (
+                m[
+                    (
+                        "inference_extension_flow_control_queue_bytes",
+                        (("fairness_id", "a"), ("priority", "10")),
+                    )
+                ]
+                == 300
+            )
             assert m[("inference_extension_flow_control_pool_saturation", ())] == 1.0
             assert m[("bandgate_budget_in_use", ())] == 1
             assert m[("bandgate_requests_total", (("outcome", "evicted_ttl"),))] == 1
-            assert m[("inference_extension_flow_control_request_queue_duration_seconds_count", (("outcome", "evicted_ttl"),))] == 1
-            assert m[("inference_extension_flow_control_dispatch_cycle_duration_seconds_count", ())] >= 1
+            assert (
+                m[
+                    (
+                        "inference_extension_flow_control_request_queue_duration_seconds_count",
+                        (("outcome", "evicted_ttl"),),
+                    )
+                ]
+                == 1
+            )
+            assert (
+                m[("inference_extension_flow_control_dispatch_cycle_duration_seconds_count", ())]
+                >= 1
+            )
             assert m[("bandgate_bands", (("state", "static"),))] == 1
             assert m[("bandgate_shards", (("state", "active"),))] == 2
             await hold.release()
@@ -67,7 +95,15 @@ def test_metrics_cover_queues_outcomes_lifecycle_and_cap_flow_labels(start_daemo
             status, text = await asyncio.to_thread(scrape, addr)
             m = samples(text)
             assert m[("bandgate_requests_total", (("outcome", "dispatched"),))] == 7
-            assert m[("inference_extension_flow_control_request_queue_duration_seconds_bucket", (("le", "+Inf"), ("outcome", "dispatched")))] == 7
+            assert (
+                m[
+                    (
+                        "inference_extension_flow_control_request_queue_duration_seconds_bucket",
+                        (("le", "+Inf"), ("outcome", "dispatched")),
+                    )
+                ]
+                == 7
+            )
             # a collected flow's series are gone
             for _ in range(300):
                 if (await c.stats())["flows"] == 0:
