@@ -26,6 +26,7 @@ __all__ = [
     "Abort",
     "Ack",
     "Cancel",
+    "ClearSaturation",
     "ClientToShard",
     "Commit",
     "Decided",
@@ -183,6 +184,10 @@ class ReportSaturation(_Msg, frozen=True, tag="report_saturation"):
     valid_for: float
 
 
+class ClearSaturation(_Msg, frozen=True, tag="clear_saturation"):
+    """The external saturation source is going away: gate dispatch by the budget alone again."""
+
+
 class JsonReply(_Msg, frozen=True, tag="json"):
     """A reply whose body is a JSON document (stats, bands)."""
 
@@ -309,6 +314,7 @@ ToCoordinator = (
     | ScaleShards
     | Reconcile
     | ReportSaturation
+    | ClearSaturation
     | ShardHello
     | Provision
     | Vote

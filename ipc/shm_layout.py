@@ -123,7 +123,8 @@ STATS_HEADER_WORDS: Final = S_CYCLE_HIST + CYCLE_BLOCK
 # stats per band slot
 SB_LEN, SB_BYTES, SB_DISPATCHED = range(3)
 SB_OLDEST_NS = 3  # enqueue time (CLOCK_MONOTONIC ns) of the oldest queued item, 0 when empty
-STATS_BAND_WORDS: Final = 4
+SB_INFLIGHT = 4  # dispatched by this shard and not yet released
+STATS_BAND_WORDS: Final = 8
 
 # lease row per flow slot (shard-written)
 L_COUNT = 0  # requests of this flow being admitted or queued on this shard

@@ -13,6 +13,8 @@ import sys
 from typing import Any
 
 from runtime.config import ConfigError, describe_variables, load
+from runtime.gateway import add_gateway_parser, run_gateway
+from runtime.top import add_top_parser, run_top
 from runtime.supervision import ExitCode
 
 SERVE_EPILOG = """\
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         "scale", help="set the number of active shards (extra ones drain)"
     )
     scale.add_argument("n", type=int)
+    add_gateway_parser(sub)
+    add_top_parser(sub)
     for p in (stats, bands, shards):
         p.add_argument(
             "--socket-dir",
@@ -113,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
 
         logsetup.setup(config.log_level, "coordinator")
         sys.exit(serve(config))
+    if args.command == "gateway":
+        sys.exit(run_gateway(args))
+    if args.command == "top":
+        sys.exit(run_top(args))
 
     from runtime.outcome import BandgateError
 

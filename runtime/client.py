@@ -40,6 +40,7 @@ from ipc.messages import (
     PROTOCOL_VERSION,
     Ack,
     Cancel,
+    ClearSaturation,
     Decided,
     ErrorReply,
     GetBands,
@@ -606,6 +607,10 @@ class AsyncClient:
         """Act as the external saturation source (see :meth:`Client.report_saturation`)."""
         await self._core.ack(ReportSaturation(_check_allowance(allowance), float(valid_for)))
 
+    async def clear_saturation(self) -> None:
+        """Stop the external saturation gating (see :meth:`Client.clear_saturation`)."""
+        await self._core.ack(ClearSaturation())
+
     async def close(self) -> None:
         await self._core.close()
 
@@ -681,6 +686,10 @@ class Client:
         and none once ``valid_for`` seconds pass without a newer report: stale fails closed.
         """
         self._call(self._core.ack(ReportSaturation(_check_allowance(allowance), float(valid_for))))
+
+    def clear_saturation(self) -> None:
+        """The saturation source is going away on purpose: gate by the budget alone again."""
+        self._call(self._core.ack(ClearSaturation()))
 
     def close(self) -> None:
         if self._closed:

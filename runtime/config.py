@@ -730,11 +730,23 @@ def _fail(name: str, raw: str, detail: str) -> ConfigError:
     return ConfigError(f"{name}={raw!r}: {detail}")
 
 
+def other_commands_variables() -> tuple[Variable, ...]:
+    """Variables read by ``bandgate gateway`` (and its detector), not by the daemon.
+
+    The daemon accepts and ignores them, so one environment can configure both commands.
+    """
+    from runtime.detector import SAT_VARIABLES
+    from runtime.gateway import GATEWAY_VARIABLES
+
+    return (*GATEWAY_VARIABLES, *SAT_VARIABLES)
+
+
 def _check_unknown(environ: Mapping[str, str]) -> None:
-    """Rejects ``BANDGATE_*`` names (prefix case-insensitive) that are not in VARIABLES."""
-    suffixes = {name[len(ENV_PREFIX) :]: name for name in _KNOWN_NAMES}
+    """Rejects ``BANDGATE_*`` names (prefix case-insensitive) no bandgate command reads."""
+    known = _KNOWN_NAMES | {v.name for v in other_commands_variables()}
+    suffixes = {name[len(ENV_PREFIX) :]: name for name in known}
     for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX) or name in _KNOWN_NAMES:
+        if not name.upper().startswith(ENV_PREFIX) or name in known:
             continue
         closest = difflib.get_close_matches(
             name[len(ENV_PREFIX) :].upper(), sorted(suffixes), n=1, cutoff=0.0

@@ -63,6 +63,7 @@ from ipc.messages import (
     PrepareSent,
     Provision,
     Provisioned,
+    ClearSaturation,
     Reconcile,
     ReportSaturation,
     Retire,
@@ -612,6 +613,8 @@ class Coordinator:
             return self.reconcile(msg.priorities)  # type: ignore[attr-defined]
         if t is ScaleShards:
             return self.scale(msg.n)  # type: ignore[attr-defined]
+        if t is ClearSaturation:
+            return self.clear_saturation()
         if t is ReportSaturation:
             return self.report_saturation(msg.allowance, msg.valid_for)  # type: ignore[attr-defined]
         return None
@@ -643,6 +646,16 @@ class Coordinator:
         return int(w[L.H_DISPATCHED_BASE]) + sum(
             int(w[layout.stats_row(s) + L.S_DISPATCHED]) for s in range(layout.max_shards)
         )
+
+    def clear_saturation(self) -> Ack:
+        """Stop gating on external credit (its source stopped on purpose)."""
+        assert self.segment is not None
+        w = self.segment.words
+        if w[L.H_SAT_MODE]:
+            w[L.H_SAT_MODE] = 0
+            log.info("external saturation source cleared; dispatch gated by the budget alone")
+            self.wake_all()
+        return Ack(True, "")
 
     def report_saturation(self, allowance: int, valid_for: float) -> Ack:
         """Grant ``allowance`` more dispatches, valid for ``valid_for`` seconds (then fail closed)."""
@@ -732,17 +745,19 @@ class Coordinator:
                     "bytes": int(w[row + L.S_BYTES]),
                     "inflight": int(w[row + L.S_INFLIGHT]),
                     "dispatched": int(w[row + L.S_DISPATCHED]),
+                    "oldest_wait": self.shard_oldest_wait(child.shard_id),
                 }
             )
         bands: dict[int, dict[str, Any]] = {}
         now_ns = time.monotonic_ns()
         for band in sorted(registry.bands.values(), key=lambda b: -b.priority):
-            length = size = dispatched = 0
+            length = size = dispatched = inflight_band = 0
             for s in range(layout.max_shards):
                 base = layout.stats_band(s, band.slot)
                 length += w[base + L.SB_LEN]
                 size += w[base + L.SB_BYTES]
                 dispatched += w[base + L.SB_DISPATCHED]
+                inflight_band += w[base + L.SB_INFLIGHT]
             oldest = 0
             for s in range(layout.max_shards):
                 stamp = w[layout.stats_band(s, band.slot) + L.SB_OLDEST_NS]
@@ -759,6 +774,7 @@ class Coordinator:
                 "capacity_bytes": band.capacity,
                 "flows": band.flows,
                 "dispatched": int(dispatched),
+                "inflight": int(inflight_band),
             }
         inflight = sum(r["inflight"] for r in shard_rows)
         gc = self.children.get("gc")
@@ -780,6 +796,19 @@ class Coordinator:
             "gc": dict(registry.counters),
             "restarts": dict(self.counters),
         }
+
+    def shard_oldest_wait(self, shard_id: int) -> float:
+        """Seconds the oldest request queued on a shard has waited (0.0 if none)."""
+        seg, registry = self.segment, self.registry
+        assert seg is not None and registry is not None
+        w = seg.words
+        oldest = 0
+        for band in registry.bands.values():
+            base = seg.layout.stats_band(shard_id, band.slot)
+            stamp = w[base + L.SB_OLDEST_NS]
+            if stamp and w[base + L.SB_LEN] and (not oldest or stamp < oldest):
+                oldest = stamp
+        return max(0.0, (time.monotonic_ns() - oldest) / 1e9) if oldest else 0.0
 
     def busiest_flows(self, limit: int = 10) -> list[dict[str, Any]]:
         """The flows with the most queued requests, summed over shards (from the lease rows)."""

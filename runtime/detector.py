@@ -14,39 +14,52 @@ instead of trusting a stale "not saturated" for a whole refresh period:
   was sent at most :attr:`Thresholds.staleness` ago), ``waiting <= queue_depth`` and
   ``kv <= kv_cache``. Its allowance is then ``queue_depth + 1 - waiting``: each dispatched request
   adds at most one waiting request, so after that many the upstream is at most one past the edge
-  where GIE would stop. Stale, failing, unparsable or over-threshold upstreams allow 0 (fail
+  where GIE would stop. Stale, failing, unparsable or KV-over-threshold upstreams allow 0 (fail
   closed), so no fresh upstream means allowance 0, and an empty pool too.
-- Requests the gateway routed to an upstream after the scrape that produced its reading was sent
-  may be missing from that reading, and so may those sent a moment before it (still on the wire,
-  or being tokenised by the server): every request routed since the *previous* scrape round was
-  sent is subtracted from its allowance (:meth:`note_routed`). This counts some requests twice,
-  so the allowance errs low by at most one interval's worth of routed requests, never high.
-- After every scrape round it reports ``(sum of allowances, valid_for)``: the daemon dispatches at
-  most that many more requests, counted over all shards from the moment of the report, and treats
-  the pool as saturated if no newer report arrives within ``valid_for`` (the time until the
-  oldest reading that contributed goes stale).
+- Between scrapes the gateway tells it what it routes to each upstream and what finishes there
+  (:meth:`Detector.note_routed`, :meth:`Detector.note_completed`), and the upstream's waiting
+  count is estimated as ``waiting + unseen + routed - completed``: ``routed`` and ``completed``
+  count since the scrape was sent (a request sent adds at most one waiting request; one that
+  finished frees its slot and KV blocks so that a waiting request can run), and ``unseen`` is the
+  number of requests routed in the interval before the scrape was sent and not finished by then,
+  which the server may not have queued yet when it answered (on the wire, being tokenised). Those
+  are counted although most were seen (the estimate errs high, the allowance low), and each is
+  credited back when it finishes. The allowance ``queue_depth + 1 - estimate`` is clamped to
+  ``[0, queue_depth + 1]``.
+- After every scrape round, and again as soon as a request finishes at an upstream with less
+  than half its allowance left (one report at a time, so they coalesce), it reports ``(sum of allowances, valid_for)``: the daemon dispatches at most that
+  many more requests, counted over all shards from the moment of the report, and treats the pool
+  as saturated if no newer report arrives within ``valid_for`` (the time until the oldest reading
+  that contributed goes stale). Without the completion credit a pool could take at most
+  ``queue_depth + 1`` requests per upstream per scrape interval, however fast it served them.
+
+aiohttp and prometheus_client are imported on first use, so that importing this module (for its
+variables, from ``bandgate``'s command line) stays cheap.
 
 Invariants: a reading older than the staleness threshold never contributes; a scrape never
 blocks longer than half the staleness threshold (so the readings of the others are still fresh
 when it ends); a failure is logged once when it starts and once when it ends, never per scrape.
-Residual overshoot: only requests that a server takes longer than one scrape interval to count
-as waiting after the gateway sent them.
+Residual overshoot: requests that a server takes longer than one scrape interval to count as
+waiting after the gateway sent them; a finished request whose freed slot cannot take a waiting
+one (its KV blocks too few for the next prompt); and dispatches the daemon decided but the
+gateway had not yet heard of when a report reset the daemon's count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
-
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+from typing import TYPE_CHECKING, Any, Final
 
 from runtime.config import ENV_PREFIX, ConfigError, Variable, format_duration, parse_duration
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = [
     "KV_METRICS",
@@ -204,6 +217,8 @@ def parse_vllm_metrics(text: str) -> Reading:
     Raises:
         ValueError: The text does not parse, or lacks the waiting-requests or KV-cache metric.
     """
+    from prometheus_client.parser import text_string_to_metric_families
+
     waiting: float | None = None
     kv: dict[str, float] = {}
     try:
@@ -223,21 +238,27 @@ def parse_vllm_metrics(text: str) -> Reading:
     raise ValueError(f"no {' or '.join(KV_METRICS)} in the metrics")
 
 
-def upstream_allowance(reading: Reading | None, thresholds: Thresholds) -> int:
+def upstream_allowance(
+    reading: Reading | None, thresholds: Thresholds, routed: int = 0, completed: int = 0
+) -> int:
     """How many more requests a fresh upstream may take before it is past GIE's edge.
 
     Args:
         reading: The upstream's fresh reading, or None (none, or stale).
         thresholds: The detector's thresholds.
+        routed: Requests routed to it that the reading may not include.
+        completed: Requests that finished there since the reading was taken.
 
     Returns:
-        ``queue_depth + 1 - waiting`` if the reading is below both thresholds, else 0.
+        ``queue_depth + 1 - (waiting + routed - completed)`` clamped to ``[0, queue_depth + 1]``;
+        0 without a reading or with the KV cache over its threshold.
     """
     if reading is None or math.isnan(reading.waiting) or math.isnan(reading.kv):
         return 0
-    if reading.waiting > thresholds.queue_depth or reading.kv > thresholds.kv_cache:
+    if reading.kv > thresholds.kv_cache:
         return 0
-    return max(0, thresholds.queue_depth + 1 - math.ceil(reading.waiting))
+    waiting = math.ceil(reading.waiting) + routed - completed
+    return min(thresholds.queue_depth + 1, max(0, thresholds.queue_depth + 1 - waiting))
 
 
 class UpstreamState:
@@ -248,25 +269,28 @@ class UpstreamState:
         metrics_url: Its ``/metrics`` URL.
         reading: The last successful reading, or None.
         scraped_at: Monotonic time the scrape that produced ``reading`` was sent.
-        routed_at_scrape: Value of ``routed`` when the scrape round before that one was sent:
-            requests routed since may be missing from ``reading``.
-        routed_at_send: Value of ``routed`` when the last scrape was sent.
         error: Why the last scrape failed; empty if it succeeded.
         allowance: This upstream's part of the last report.
         routed: Requests the gateway routed to it (cumulative).
+        completed: Requests routed to it that have finished (cumulative).
+        round: Scrapes sent so far; a request is tagged with the round it was routed in.
+        unfinished_in_round: Requests routed in the current round not finished yet.
+        marks: ``(routed, completed, unseen)`` when the scrape of ``reading`` was sent.
         routed_at_report: Value of ``routed`` at the last report.
     """
 
     __slots__ = (
         "allowance",
+        "completed",
         "error",
+        "marks",
         "metrics_url",
         "reading",
+        "round",
         "routed",
         "routed_at_report",
-        "routed_at_scrape",
-        "routed_at_send",
         "scraped_at",
+        "unfinished_in_round",
         "url",
     )
 
@@ -275,16 +299,23 @@ class UpstreamState:
         self.metrics_url = url.rstrip("/") + "/metrics"
         self.reading: Reading | None = None
         self.scraped_at: float | None = None
-        self.routed_at_scrape = 0
-        self.routed_at_send = 0
         self.error = ""
         self.allowance = 0
         self.routed = 0
+        self.completed = 0
+        self.round = 0
+        self.unfinished_in_round = 0
+        self.marks = (0, 0, 0)
         self.routed_at_report = 0
 
     def fresh(self, now: float, staleness: float) -> bool:
         """Whether the reading may still be trusted at ``now``."""
         return self.scraped_at is not None and now - self.scraped_at <= staleness
+
+    def since_reading(self) -> tuple[int, int]:
+        """``(unseen + routed since the reading, completed since the reading)``."""
+        routed, completed, unseen = self.marks
+        return unseen + self.routed - routed, self.completed - completed
 
     def remaining(self) -> int:
         """Allowance of the last report minus the requests routed here since."""
@@ -342,6 +373,8 @@ class Detector:
         report: Report,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        import aiohttp
+
         self.thresholds = thresholds
         self.states = [UpstreamState(url) for url in upstreams]
         self.session = session
@@ -351,10 +384,20 @@ class Detector:
         self.reports = 0
         self.report_error = ""
         self._timeout = aiohttp.ClientTimeout(total=thresholds.staleness / 2)
+        self._report_lock = asyncio.Lock()
+        self._crediting: asyncio.Task[None] | None = None
+        self._credit_pending = False
 
-    def note_routed(self, index: int) -> None:
-        """Counts a request the gateway sends to upstream ``index``."""
-        self.states[index].routed += 1
+    def note_routed(self, index: int) -> int:
+        """Counts a request the gateway sends to upstream ``index``.
+
+        Returns:
+            The token to give :meth:`note_completed` when the request finishes.
+        """
+        state = self.states[index]
+        state.routed += 1
+        state.unfinished_in_round += 1
+        return state.round
 
     def has_capacity(self, index: int) -> bool:
         """Whether upstream ``index`` has allowance left since the last report."""
@@ -365,11 +408,12 @@ class Detector:
         return self.states[index].fresh(self.clock(), self.thresholds.staleness)
 
     async def _scrape(self, state: UpstreamState) -> None:
+        import aiohttp
+
         sent = self.clock()
-        # Count from the previous round's send: a server may not have queued a request it was
-        # sent a moment before this scrape (in flight, being tokenised) when it answers.
-        mark = state.routed_at_send
-        state.routed_at_send = state.routed
+        marks = (state.routed, state.completed, state.unfinished_in_round)
+        state.round += 1
+        state.unfinished_in_round = 0
         try:
             async with self.session.get(state.metrics_url, timeout=self._timeout) as resp:
                 if resp.status != 200:
@@ -391,10 +435,10 @@ class Detector:
         state.error = ""
         state.reading = reading
         state.scraped_at = sent
-        state.routed_at_scrape = mark
+        state.marks = marks
 
     def evaluate(self) -> tuple[int, float]:
-        """Computes every upstream's allowance now and starts counting routed requests anew.
+        """Computes every upstream's allowance now; ``remaining()`` counts from here.
 
         Returns:
             ``(allowance, valid_for)``: the pool's allowance and how long it may be trusted.
@@ -406,9 +450,9 @@ class Detector:
         for state in self.states:
             allowance = 0
             if state.fresh(now, staleness):
-                allowance = upstream_allowance(state.reading, self.thresholds)
-                # Requests routed since the round before it may be missing from its reading.
-                allowance = max(0, allowance - (state.routed - state.routed_at_scrape))
+                allowance = upstream_allowance(
+                    state.reading, self.thresholds, *state.since_reading()
+                )
                 if allowance > 0:
                     assert state.scraped_at is not None
                     valid_until = min(valid_until, state.scraped_at + staleness)
@@ -419,6 +463,46 @@ class Detector:
         self.allowance = total
         return total, max(valid_for, 0.001)
 
+    def note_completed(self, index: int, token: int) -> None:
+        """Counts a request routed to upstream ``index`` that has finished; reports soon.
+
+        Args:
+            index: The upstream.
+            token: What :meth:`note_routed` returned for the request.
+        """
+        state = self.states[index]
+        state.completed += 1
+        if token == state.round:
+            state.unfinished_in_round -= 1
+        # While the upstream has half its allowance left, the credit can wait for a later report.
+        if state.remaining() > (self.thresholds.queue_depth + 1) // 2:
+            return
+        self._credit_pending = True
+        if self._crediting is None or self._crediting.done():
+            self._crediting = asyncio.ensure_future(self._credit())
+
+    async def _credit(self) -> None:
+        while self._credit_pending:
+            self._credit_pending = False
+            await self._evaluate_and_report()
+
+    async def _evaluate_and_report(self) -> int:
+        async with self._report_lock:
+            allowance, valid_for = self.evaluate()
+            try:
+                await self.report(allowance, valid_for)
+            except Exception as exc:
+                error = str(exc) or type(exc).__name__
+                if not self.report_error:
+                    log.warning("cannot report saturation to the daemon: %s", error)
+                self.report_error = error
+            else:
+                if self.report_error:
+                    log.info("reporting saturation to the daemon again")
+                self.report_error = ""
+                self.reports += 1
+        return allowance
+
     async def scrape_once(self) -> int:
         """One round: scrape every upstream at once, evaluate, report.
 
@@ -426,20 +510,15 @@ class Detector:
             The allowance reported.
         """
         await asyncio.gather(*(self._scrape(state) for state in self.states))
-        allowance, valid_for = self.evaluate()
-        try:
-            await self.report(allowance, valid_for)
-        except Exception as exc:
-            error = str(exc) or type(exc).__name__
-            if not self.report_error:
-                log.warning("cannot report saturation to the daemon: %s", error)
-            self.report_error = error
-        else:
-            if self.report_error:
-                log.info("reporting saturation to the daemon again")
-            self.report_error = ""
-            self.reports += 1
-        return allowance
+        return await self._evaluate_and_report()
+
+    async def close(self) -> None:
+        """Stops a pending completion report (the caller cancels :meth:`run`)."""
+        task = self._crediting
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def run(self) -> None:
         """Scrape and report every scrape interval until cancelled."""

@@ -39,6 +39,9 @@ released) and a client with streaming bodies and connection pooling, in the same
 :class:`~runtime.client.AsyncClient`; it is mature and pure asyncio (no ASGI layer, no second
 HTTP stack).
 
+aiohttp, prometheus_client and the daemon client are imported when the gateway starts, not with
+this module, so that building ``bandgate``'s command line (which imports it) stays fast.
+
 Invariants: every admission that was dispatched is released exactly once, whatever ends the
 request; a request is forwarded only once dispatched; per-upstream in-flight counts return to 0
 when no request is in flight; nothing is logged per request above DEBUG.
@@ -55,19 +58,14 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
 import msgspec
-import prometheus_client
-from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
-from runtime.client import AsyncClient
 from runtime.config import (
     DEFAULT_LOG_LEVEL,
     ENV_PREFIX,
@@ -83,6 +81,14 @@ from runtime.detector import SAT_VARIABLES, Detector, Thresholds, pool_saturatio
 from runtime.outcome import BandgateError, Outcome
 from runtime.supervision import ExitCode
 from runtime.validation import INT32_MAX, INT32_MIN
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
+    from multidict import CIMultiDict
+    from yarl import URL
+
+    from runtime.client import AsyncClient
 
 __all__ = [
     "DEFAULT_FLOW",
@@ -312,6 +318,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _upstream_url(text: str) -> URL:
+    from yarl import URL
+
     url = URL(text)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"expected an http:// or https:// URL, not {text!r}")
@@ -364,6 +372,8 @@ class Upstream:
 
     def target(self, path_qs: str) -> URL:
         """The upstream URL of a request for ``path_qs`` (the upstream's path is a prefix)."""
+        from yarl import URL
+
         base = str(self.url).rstrip("/")
         return URL(base + path_qs, encoded=True)
 
@@ -475,6 +485,8 @@ class _Metrics:
     """
 
     def __init__(self) -> None:
+        import prometheus_client
+
         self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
         self.admission = prometheus_client.Histogram(
             "bandgate_gateway_admission_duration_seconds",
@@ -564,6 +576,8 @@ class Gateway:
         detector: bool = True,
         max_body: int = 32 * 1024 * 1024,
     ) -> None:
+        from runtime.client import AsyncClient
+
         if not upstreams:
             raise ValueError("at least one upstream is needed")
         self.settings = settings
@@ -580,6 +594,8 @@ class Gateway:
 
     def app(self) -> web.Application:
         """The aiohttp application (run it with ``handler_cancellation=True``)."""
+        from aiohttp import web
+
         app = web.Application(client_max_size=self.max_body)
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -588,6 +604,8 @@ class Gateway:
         return app
 
     async def _startup(self, app: web.Application) -> None:
+        import aiohttp
+
         self.session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
@@ -599,6 +617,10 @@ class Gateway:
         except (BandgateError, OSError) as exc:
             log.warning("no bandgate daemon yet (%s); requests get 503 until one answers", exc)
         self._tasks.append(asyncio.ensure_future(self.estimator.run()))
+        if not self.use_detector:
+            # A detector left behind by an earlier gateway would keep the daemon gated.
+            with contextlib.suppress(BandgateError, OSError):
+                await self.client.clear_saturation()
         if self.use_detector:
             self.detector = Detector(
                 [str(u.url) for u in self.upstreams],
@@ -615,6 +637,12 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.detector is not None:
+            await self.detector.close()
+            # Stopping on purpose: the daemon goes back to its budget alone (a crashed gateway
+            # instead leaves its credit to go stale, which fails closed).
+            with contextlib.suppress(BandgateError, OSError):
+                await self.client.clear_saturation()
         if self.session is not None:
             await self.session.close()
         await self.client.close()
@@ -641,6 +669,8 @@ class Gateway:
     def _refusal(
         self, status: int, outcome: str, reason: str, retry_after: int | None = None
     ) -> web.Response:
+        from aiohttp import web
+
         headers = {OUTCOME_HEADER: outcome, REASON_HEADER: _header_text(reason) or outcome}
         if retry_after is not None:
             headers["Retry-After"] = str(retry_after)
@@ -689,6 +719,8 @@ class Gateway:
 
     # -- forwarding -----------------------------------------------------------------------------
     def _request_headers(self, request: web.Request) -> CIMultiDict[str]:
+        from multidict import CIMultiDict
+
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
             if name.lower() not in HOP_BY_HOP:
@@ -704,6 +736,8 @@ class Gateway:
     async def _forward(
         self, request: web.Request, body: bytes, *, gated: bool, queued: float | None = None
     ) -> web.StreamResponse:
+        import aiohttp
+
         assert self.session is not None
         detector = self.detector if gated else None
         headers = self._request_headers(request)
@@ -718,8 +752,7 @@ class Gateway:
             tried.add(upstream.index)
             upstream.inflight += 1
             self.metrics.upstream_inflight.labels(str(upstream.url)).set(upstream.inflight)
-            if detector is not None:
-                detector.note_routed(upstream.index)
+            token = detector.note_routed(upstream.index) if detector is not None else 0
             try:
                 try:
                     upstream_resp = await self.session.request(
@@ -730,8 +763,9 @@ class Gateway:
                         allow_redirects=False,
                     )
                 except aiohttp.ClientConnectorError as exc:
-                    last_error = f"{upstream.url}: {exc.os_error or exc}"
-                    log.warning("upstream %s unreachable: %s", upstream.url, exc.os_error or exc)
+                    why = exc.os_error.strerror or str(exc)
+                    last_error = f"{upstream.url}: {why}"
+                    log.warning("upstream %s unreachable: %s", upstream.url, why)
                     continue
                 except aiohttp.ClientError as exc:
                     return self._refusal(502, "upstream_error", f"{upstream.url}: {exc}")
@@ -740,10 +774,16 @@ class Gateway:
             finally:
                 upstream.inflight -= 1
                 self.metrics.upstream_inflight.labels(str(upstream.url)).set(upstream.inflight)
+                if detector is not None:
+                    detector.note_completed(upstream.index, token)
 
     async def _relay(
         self, request: web.Request, upstream_resp: aiohttp.ClientResponse, queued: float | None
     ) -> web.StreamResponse:
+        import aiohttp
+        from aiohttp import web
+        from multidict import CIMultiDict
+
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in upstream_resp.headers.items():
             if name.lower() not in HOP_BY_HOP or name.lower() == "content-length":
@@ -775,6 +815,9 @@ class Gateway:
 
     # -- metrics --------------------------------------------------------------------------------
     async def _metrics_handler(self, request: web.Request) -> web.Response:
+        import prometheus_client
+        from aiohttp import web
+
         m = self.metrics
         detector = self.detector
         if detector is not None:
@@ -797,6 +840,8 @@ class Gateway:
 
 # -- process -------------------------------------------------------------------------------------
 async def _serve(args: argparse.Namespace, settings: GatewaySettings) -> int:
+    from aiohttp import web
+
     host, port = parse_listen(args.listen)
     gateway = Gateway(
         args.upstream,
@@ -819,10 +864,7 @@ async def _serve(args: argparse.Namespace, settings: GatewaySettings) -> int:
         log.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         await runner.cleanup()
         return ExitCode.ERROR
-    bound = port
-    server = site._server
-    if server is not None and getattr(server, "sockets", None):
-        bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = int(runner.addresses[0][1])
     shown = f"[{host}]" if ":" in host else host
     sys.stdout.write(
         f"bandgate gateway ready listen=http://{shown}:{bound} socket_dir={gateway.client.socket_dir} "
@@ -884,14 +926,14 @@ def _describe(variables: Sequence[Variable]) -> str:
     lines = []
     for v in variables:
         lines.append(f"  {v.name:<{width}}  default {v.default}")
-        lines.append(f"      {v.help}")
+        lines.extend(textwrap.wrap(v.help, 96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
 
 
 GATEWAY_EPILOG = """\
-Each POST is admitted through the bandgate daemon (flow from {fairness}, default
-{default_flow}; priority from the priority header or the model map; byte size = body length)
-and forwarded once dispatched. Refusals: rejected_capacity -> 429, evicted_ttl and
+Each POST is admitted through the bandgate daemon (flow from {fairness},
+default {default_flow}; priority from the priority header or the model map; byte size = body
+length) and forwarded once dispatched. Refusals: rejected_capacity -> 429, evicted_ttl and
 evicted_cancelled -> 503, others -> 500, with x-bandgate-outcome and x-bandgate-reason
 headers; 429 and 503 carry Retry-After. GET /metrics serves the gateway's own metrics.
 

@@ -125,10 +125,11 @@ class GcPlanner:
                 or w[base + L.B_FLOWS]
             ):
                 continue
-            queued = 0
+            busy = 0  # queued, or dispatched and not yet released
             for s in live_shards:
-                queued += w[layout.stats_band(s, slot) + L.SB_LEN]
-            if queued:
+                stats = layout.stats_band(s, slot)
+                busy += w[stats + L.SB_LEN] + w[stats + L.SB_INFLIGHT]
+            if busy:
                 continue
             key = (slot, int(w[base + L.B_GEN]))
             seen.add(key)

@@ -248,11 +248,13 @@ class Registry:
             total += w[self.layout.lease(s, flow_slot) + L.L_COUNT]
         return total
 
-    def band_queued(self, band_slot: int) -> int:
+    def band_busy(self, band_slot: int) -> int:
+        """Requests of a band queued, or dispatched and unreleased, summed over every shard."""
         w = self.words
         total = 0
         for s in range(self.layout.max_shards):
-            total += w[self.layout.stats_band(s, band_slot) + L.SB_LEN]
+            base = self.layout.stats_band(s, band_slot)
+            total += w[base + L.SB_LEN] + w[base + L.SB_INFLIGHT]
         return total
 
     def retire(self, txn: int, kind: int, slot: int, gen: int) -> str:
@@ -269,8 +271,8 @@ class Registry:
                 return "desired band"
             if rec.flows:
                 return f"band still has {rec.flows} flows"
-            if self.band_queued(slot):
-                return "band has queued items"
+            if self.band_busy(slot):
+                return "band has queued or in-flight requests"
             rec.state = RETIRING
             rec.txn = txn
             self._write_band(rec)

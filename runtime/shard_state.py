@@ -120,6 +120,7 @@ class Band:
         "fenced",
         "flows",
         "gen",
+        "inflight",
         "len",
         "name",
         "priority",
@@ -139,6 +140,7 @@ class Band:
         self.flows: dict[str, Flow] = {}
         self.len = 0
         self.bytes = 0
+        self.inflight = 0  # dispatched from this band by this shard, not yet released
         self.fenced = False
         self.stats_base = 0
         # Queued items in arrival order, so the oldest wait is O(1) whatever the policies.
@@ -351,6 +353,15 @@ class ShardCore:
             self.top_waiting = top
             self.words[self.stats_base + L.S_TOP_WAITING] = top
 
+    def dispatched(self, band: Band) -> None:
+        """A request of ``band`` was dispatched: it holds the band until released."""
+        band.inflight += 1
+        self.words[band.stats_base + L.SB_INFLIGHT] = band.inflight
+
+    def released(self, band: Band) -> None:
+        band.inflight -= 1
+        self.words[band.stats_base + L.SB_INFLIGHT] = band.inflight
+
     # -- two-phase removal (participant side) ------------------------------------------------------
     def flow_by_slot(self, slot: int, gen: int) -> Flow | None:
         for flow in self.flows.values():
@@ -382,6 +393,8 @@ class ShardCore:
             return ""
         if band.len:
             return f"{band.len} queued"
+        if band.inflight:
+            return f"{band.inflight} dispatched and not released"
         for flow_id, priority in self.pending:
             if priority == band.priority:
                 return f"request pending for flow {flow_id!r}"

@@ -72,7 +72,7 @@ from ipc.messages import (
 from ipc.shm import Segment
 from runtime import logsetup
 from runtime.config import Config
-from runtime.shard_state import PENDING, QUEUED, Request, ShardCore
+from runtime.shard_state import PENDING, QUEUED, Band, Request, ShardCore
 from runtime.supervision import ChildSpec, ExitCode, child_setup
 from runtime.validation import check_submit
 
@@ -99,7 +99,7 @@ class ClientConn(FramedProtocol):
         super().__init__(worker.config.max_frame)
         self.worker = worker
         self.requests: dict[int, Request] = {}
-        self.dispatched: set[int] = set()
+        self.dispatched: dict[int, Band] = {}  # request id -> its band, until released
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -124,9 +124,9 @@ class ClientConn(FramedProtocol):
                     return
                 worker.on_submit(self, msg)
             elif type(msg) is Release:
-                if msg.id in self.dispatched:
-                    self.dispatched.discard(msg.id)
-                    worker.return_unit()
+                band = self.dispatched.pop(msg.id, None)
+                if band is not None:
+                    worker.return_unit(band)
             else:
                 assert type(msg) is Cancel
                 req = self.requests.get(msg.id)
@@ -369,12 +369,12 @@ class ShardWorker:
         w[hist + bisect_left(L.QUEUE_BUCKETS, queued)] += 1
         w[hist + L.QD_BLOCK - 1] += int(queued * 1e9)
         if outcome == OutcomeCode.DISPATCHED:
-            conn.dispatched.add(req.id)
+            band = req.flow.band  # type: ignore[union-attr]  # a dispatched request was queued
+            conn.dispatched[req.id] = band
+            self.core.dispatched(band)
             w[base + L.S_INFLIGHT] += 1
             w[base + L.S_DISPATCHED] += 1
-            flow = req.flow
-            if flow is not None:
-                w[flow.band.stats_base + L.SB_DISPATCHED] += 1
+            w[band.stats_base + L.SB_DISPATCHED] += 1
         elif outcome in (OutcomeCode.REJECTED_CAPACITY, OutcomeCode.REJECTED_OTHER):
             w[base + L.S_REJECTED] += 1
         else:
@@ -460,8 +460,9 @@ class ShardWorker:
                 )
         self.others = others
 
-    def return_unit(self) -> None:
-        """A dispatched request was released (or its client vanished)."""
+    def return_unit(self, band: Band) -> None:
+        """A dispatched request of ``band`` was released (or its client vanished)."""
+        self.core.released(band)
         w = self.words
         base = self.stats_base
         w[base + L.S_INFLIGHT] -= 1
@@ -530,8 +531,8 @@ class ShardWorker:
                 req.timer.cancel()  # type: ignore[attr-defined]
                 req.timer = None
         conn.requests.clear()
-        for _ in range(len(conn.dispatched)):
-            self.return_unit()
+        for band in conn.dispatched.values():
+            self.return_unit(band)
         conn.dispatched.clear()
         self.after_batch()
 

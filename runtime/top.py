@@ -17,6 +17,9 @@ two refreshes divided by the time between them; a counter that went backwards (a
 collected and re-created, a shard restarted) counts from zero. Fields an older daemon does not
 report show ``-``.
 
+:mod:`curses` is imported only to draw, so building ``bandgate``'s command line (which imports
+this module) works on a Python built without it, and ``--once`` too.
+
 Invariants: ``q`` (or ``Q``), Ctrl-C, SIGTERM and SIGHUP exit with code 0 and the terminal
 restored (``curses.wrapper`` undoes cbreak/noecho/keypad on every path); a daemon that stops or
 restarts is shown as unavailable and picked up again, never a crash. ``--once`` prints one
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import curses
 import os
 import shutil
 import signal
@@ -253,6 +255,8 @@ class _Stop(Exception):
 
 
 def _draw(stdscr: Any, lines: Sequence[str], footer: str) -> None:
+    import curses
+
     height, width = stdscr.getmaxyx()
     stdscr.erase()
     for row, line in enumerate(lines[: max(0, height - 1)]):
@@ -264,6 +268,8 @@ def _draw(stdscr: Any, lines: Sequence[str], footer: str) -> None:
 
 
 def _loop(stdscr: Any, source: _Source, interval: float) -> None:
+    import curses
+
     with contextlib.suppress(curses.error):
         curses.curs_set(0)
     stdscr.timeout(100)
@@ -315,6 +321,8 @@ def run_top(args: argparse.Namespace) -> int:
     try:
         if args.once:
             return _once(source, interval)
+        import curses
+
         if not sys.stdout.isatty() or not sys.stdin.isatty():
             print("bandgate top: not a terminal; use --once to print one screen", file=sys.stderr)
             return ExitCode.CONFIG_ERROR

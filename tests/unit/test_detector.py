@@ -166,22 +166,66 @@ def test_evaluate_with_nothing_fresh_is_zero() -> None:
     assert d.evaluate()[0] == 0
 
 
-def test_requests_routed_after_the_scrape_are_subtracted() -> None:
-    clock = Clock()
-    d = _detector(2, clock)
-    d.states[0].reading, d.states[0].scraped_at = Reading(2, 0.0), clock.now
-    d.states[0].routed_at_scrape = d.states[0].routed
-    d.states[1].reading, d.states[1].scraped_at = Reading(0, 0.0), clock.now
-    d.note_routed(0)
-    d.note_routed(0)  # sent after the scrape: maybe not in its reading
-    allowance, _ = d.evaluate()
-    assert [s.allowance for s in d.states] == [2, 6]
-    assert allowance == 8
-    assert d.has_capacity(0)
-    d.note_routed(0)
-    d.note_routed(0)
-    assert not d.has_capacity(0) and d.states[0].remaining() == 0
-    assert d.has_capacity(1)
+def test_routed_and_finished_requests_move_the_allowance_between_scrapes() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        d = _detector(2, clock)
+        for state, waiting in zip(d.states, (2, 0), strict=True):
+            state.reading, state.scraped_at = Reading(waiting, 0.0), clock.now
+        first = d.note_routed(0)
+        d.note_routed(0)
+        allowance, _ = d.evaluate()
+        assert [s.allowance for s in d.states] == [2, 6]  # 6 - (2 waiting + 2 sent)
+        assert allowance == 8
+        assert d.has_capacity(0)
+        d.note_routed(0)
+        d.note_routed(0)
+        assert not d.has_capacity(0) and d.states[0].remaining() == 0
+        d.note_completed(0, first)  # a finished request frees a slot
+        assert d.evaluate()[0] == (6 - (2 + 4 - 1)) + 6
+        for _ in range(10):
+            d.note_completed(1, 0)
+        assert d.states[1].since_reading() == (0, 10)
+        assert d.evaluate()[0] == 1 + 6  # never more than queue depth + 1 per upstream
+        await d.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_sent_just_before_a_scrape_count_until_they_finish() -> None:
+    reports: list[int] = []
+
+    async def report(allowance: int, valid_for: float) -> None:
+        reports.append(allowance)
+
+    async def scenario() -> None:
+        app = make_app()
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as session:
+                d = Detector([str(server.make_url("/"))], Thresholds(), session, report)
+                settings = app[STATE].settings
+                a = d.note_routed(0)
+                settings["waiting"] = 1  # the server saw it... or maybe not: counted
+                assert await d.scrape_once() == 6 - 2
+                d.note_completed(0, a)
+                await d._evaluate_and_report()
+                assert reports[-1] == 6 - 1
+                b = d.note_routed(0)  # routed after the scrape: counted
+                assert d.evaluate()[0] == 6 - 2
+                assert await d.scrape_once() == 6 - 2  # b unfinished when this scrape was sent
+                d.note_completed(0, b)
+                assert d.evaluate()[0] == 6 - 1
+                c = d.note_routed(0)
+                d.note_completed(0, c)  # finished before the next scrape: the server saw it
+                settings["waiting"] = 0
+                assert await d.scrape_once() == 6
+                await d.close()
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
 
 
 def test_pool_saturation_is_gie_gradient() -> None:

@@ -208,3 +208,15 @@ def test_no_live_shard_commits_at_once():
     r = started()
     r.on_ack(True, "")
     assert r.on_prepare_sent(True, (), 0.0) == [Commit(42, FLOW, 3, 7)]
+
+
+def test_band_with_requests_in_flight_is_not_idle():
+    w, layout = world()
+    add_band(w, layout, 0)
+    w[layout.stats_band(1, 0) + L.SB_INFLIGHT] = 1  # dispatched, not released yet
+    planner = GcPlanner(flow_timeout=1, band_timeout=1)
+    assert planner.plan(w, layout, SHARDS, 0) == []
+    assert planner.plan(w, layout, SHARDS, 100 * S) == []
+    w[layout.stats_band(1, 0) + L.SB_INFLIGHT] = 0
+    assert planner.plan(w, layout, SHARDS, 101 * S) == []  # idle from now
+    assert planner.plan(w, layout, SHARDS, 102 * S) == [Candidate(BAND, 0, 1)]

@@ -132,7 +132,10 @@ def test_band_with_queued_items_is_not_retired():
     reg.retire(1, FLOW, flow.slot, flow.gen)
     reg.commit(1, FLOW, flow.slot, flow.gen)
     w[layout.stats_band(0, band.slot) + L.SB_LEN] = 1
-    assert reg.retire(2, BAND, band.slot, band.gen) == "band has queued items"
+    assert reg.retire(2, BAND, band.slot, band.gen) == "band has queued or in-flight requests"
+    w[layout.stats_band(0, band.slot) + L.SB_LEN] = 0
+    w[layout.stats_band(1, band.slot) + L.SB_INFLIGHT] = 1
+    assert reg.retire(2, BAND, band.slot, band.gen) == "band has queued or in-flight requests"
 
 
 def test_provision_revives_a_retiring_flow_and_band_and_returns_aborts():

@@ -1,0 +1,1 @@
+"""Test doubles that tests and benchmarks start: servers that stand in for real backends."""
