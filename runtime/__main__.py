@@ -14,8 +14,8 @@ from typing import Any
 
 from runtime.config import ConfigError, describe_variables, load
 from runtime.gateway import add_gateway_parser, run_gateway
-from runtime.top import add_top_parser, run_top
 from runtime.supervision import ExitCode
+from runtime.top import add_top_parser, run_top
 
 SERVE_EPILOG = """\
 The daemon is configured only through environment variables:
