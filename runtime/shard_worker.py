@@ -72,7 +72,7 @@ from ipc.messages import (
 from ipc.shm import Segment
 from runtime import logsetup
 from runtime.config import Config
-from runtime.shard_state import PENDING, QUEUED, Band, Request, ShardCore
+from runtime.shard_state import PENDING, QUEUED, Band, Flow, Request, ShardCore
 from runtime.supervision import ChildSpec, ExitCode, child_setup
 from runtime.validation import check_submit
 
@@ -305,10 +305,7 @@ class ShardWorker:
         assert self.link is not None
         self.link.send(codec.encode(Provision(self.next_provision, flow_id, priority)))
 
-    def admit(self, req: Request, flow: object) -> None:
-        from runtime.shard_state import Flow
-
-        assert isinstance(flow, Flow)
+    def admit(self, req: Request, flow: Flow) -> None:
         problem = self.capacity_problem(flow.band.slot, flow.band.capacity, flow.band.bytes, req)
         if problem:
             self._finish(req, OutcomeCode.REJECTED_CAPACITY, problem)
@@ -319,7 +316,8 @@ class ShardWorker:
     def capacity_problem(self, band_slot: int, capacity: int, band_bytes: int, req: Request) -> str:
         """'' if queuing ``req`` keeps its band and the daemon within their limits."""
         w = self.words
-        layout = self.layout
+        if w[L.H_EPOCH] != self.epoch:
+            self.refresh_others()
         size = req.byte_size
         total = band_bytes + size
         offset = L.STATS_HEADER_WORDS + band_slot * L.STATS_BAND_WORDS + L.SB_BYTES
@@ -337,7 +335,6 @@ class ShardWorker:
                 total += w[row + L.S_BYTES]
             if total > max_bytes:
                 return f"daemon would queue {total} bytes, over BANDGATE_MAX_BYTES={max_bytes}"
-        del layout
         return ""
 
     def expire(self, req: Request, ttl: float) -> None:
@@ -475,8 +472,7 @@ class ShardWorker:
 
     def poke(self, at_least: int) -> None:
         """Wake every other shard waiting in a band >= ``at_least``: a unit may be free for it."""
-        if w_epoch_changed := (self.words[L.H_EPOCH] != self.epoch):
-            del w_epoch_changed
+        if self.words[L.H_EPOCH] != self.epoch:
             self.refresh_others()
         w = self.words
         top = L.S_TOP_WAITING
