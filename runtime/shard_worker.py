@@ -22,7 +22,11 @@ Invariants enforced here:
   of a dead shard.
 - Priority is global: before taking budget for band *p*, the shard checks every other shard's
   ``S_TOP_WAITING``; if one waits in a higher band it does not dispatch (head-of-line), and that
-  shard wakes it when its own top waiting band falls.
+  shard wakes it when its own top waiting band falls. At equal priority the shard whose oldest
+  item is older (by more than ``AGE_SLACK_NS``) goes first, so no shard starves another.
+- Liveness: a unit is never handed to a shard that is not woken. A shard that backs off wakes
+  the shard it backs off for; a release wakes the entitled shard (or dispatches locally); a shard
+  whose top waiting band falls wakes every waiting shard.
 - Capacity is global: an item is admitted only if the queued bytes of its band (and of the
   daemon) summed over every shard's stats row stay within the limit. Shards check concurrently,
   each against the others' published sums, so the overshoot is at most one request per other
@@ -81,6 +85,10 @@ __all__ = ["main", "shard_socket_path", "wake_socket_path"]
 log = logging.getLogger(__name__)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# At equal priority a shard leaves the next unit to another shard whose oldest waiting item is
+# older than its own by more than this: global arrival order within a millisecond, without a
+# cross-process wake-up for every dispatch when both shards' heads are about as old.
+AGE_SLACK_NS = 1_000_000
 
 
 def shard_socket_path(socket_dir: str, shard_id: int) -> str:
@@ -404,7 +412,9 @@ class ShardWorker:
             if band is None:
                 break
             if limited or external:
-                if self.higher_waiting_elsewhere(band.priority):
+                other = self.entitled_elsewhere(band)
+                if other:
+                    self.wake(other)  # it goes first; its dispatch will wake us if we are next
                     break
                 if external and self.externally_saturated():
                     break
@@ -435,12 +445,50 @@ class ShardWorker:
             total += w[row + disp]
         return total >= w[L.H_SAT_LIMIT]
 
-    def higher_waiting_elsewhere(self, priority: int) -> bool:
+    def entitled_elsewhere(self, band: Band) -> str:
+        """The wake path of a shard that should get the next unit before ``band``'s head, or ''.
+
+        Priority first: a shard waiting in a higher band always goes first (no inversion).
+        Then age, at equal priority: a shard whose oldest item in this band arrived more than
+        :data:`AGE_SLACK_NS` before ours goes first, so the same band on different shards is
+        served in arrival order (within the slack) and neither shard can starve the other by
+        recycling the units its own clients release.
+        """
         w = self.words
         if w[L.H_EPOCH] != self.epoch:
             self.refresh_others()
-        top = L.S_TOP_WAITING
-        return any(w[row + top] > priority for row, _ in self.others)
+        priority = band.priority
+        mine = w[band.stats_base + L.SB_OLDEST_NS] - AGE_SLACK_NS
+        oldest = L.STATS_HEADER_WORDS + band.slot * L.STATS_BAND_WORDS + L.SB_OLDEST_NS
+        best = ""
+        best_key: tuple[int, int] | None = None
+        for row, path in self.others:
+            top = w[row + L.S_TOP_WAITING]
+            if top < priority:
+                continue
+            if top > priority:
+                key = (top, 1 << 62)
+            else:
+                theirs = w[row + oldest]
+                if not theirs or theirs >= mine:
+                    continue
+                key = (top, -theirs)
+            if best_key is None or key > best_key:
+                best, best_key = path, key
+        return best
+
+    def most_entitled_elsewhere(self) -> str:
+        """The wake path of the other shard waiting in the highest band ('' if none waits)."""
+        w = self.words
+        if w[L.H_EPOCH] != self.epoch:
+            self.refresh_others()
+        best = ""
+        best_top = L.NO_PRIORITY
+        for row, path in self.others:
+            top = w[row + L.S_TOP_WAITING]
+            if top > best_top:
+                best, best_top = path, top
+        return best
 
     def refresh_others(self) -> None:
         """Re-read which other shards exist (after the coordinator bumps the epoch)."""
@@ -466,9 +514,19 @@ class ShardWorker:
         if self.limited:
             w[base + L.S_HELD] -= 1
             self.budget.release()
-            if self.core.top_waiting != L.NO_PRIORITY:
+            # Hand the unit to whoever is entitled to it: ourselves (no wake-up needed), or the
+            # one shard that waits higher or longer. Waking every waiting shard on every release
+            # would double the CPU per dispatch on two shards.
+            top_band = self.core.top_band()
+            other = (
+                self.entitled_elsewhere(top_band)
+                if top_band is not None
+                else self.most_entitled_elsewhere()
+            )
+            if other:
+                self.wake(other)
+            elif top_band is not None:
                 self.schedule_dispatch()
-            self.poke(at_least=self.core.top_waiting)
 
     def poke(self, at_least: int) -> None:
         """Wake every other shard waiting in a band >= ``at_least``: a unit may be free for it."""
@@ -479,10 +537,14 @@ class ShardWorker:
         for row, path in self.others:
             waiting = w[row + top]
             if waiting != L.NO_PRIORITY and waiting >= at_least:
-                try:
-                    self.poke_sock.sendto(b"\0", path)
-                except OSError:
-                    pass  # full buffer: a wake is already pending; gone: nothing to wake
+                self.wake(path)
+
+    def wake(self, path: str) -> None:
+        """Send one wake datagram to another shard."""
+        try:
+            self.poke_sock.sendto(b"\0", path)
+        except OSError:
+            pass  # full buffer: a wake is already pending; gone: nothing to wake
 
     def on_wake(self) -> None:
         sock = self.wake_sock
