@@ -13,11 +13,14 @@ units are returned by the coordinator from the shard's ``S_HELD`` word.
 
 from __future__ import annotations
 
+import os
 from typing import final
 
 import posix_ipc  # type: ignore[import-not-found]
 
 __all__ = ["Budget"]
+
+SEM_DIR = "/dev/shm/"
 
 
 @final
@@ -32,10 +35,17 @@ class Budget:
         self.unlimited = sem is None
 
     @classmethod
-    def create(cls, name: str, limit: int, *, mode: int = 0o600) -> Budget:
+    def create(cls, name: str, limit: int, *, mode: int = 0o600, gid: int = -1) -> Budget:
         if limit == 0:
             return cls(name, 0, None, owner=True)
         sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=limit)
+        # Linux keeps a named semaphore as /dev/shm/sem.<name>; its creation mode was filtered by
+        # the umask, so set it (and the group) exactly.
+        path = SEM_DIR + "sem." + name.lstrip("/")
+        if os.path.exists(path):
+            os.chmod(path, mode)
+            if gid >= 0:
+                os.chown(path, -1, gid)
         return cls(name, limit, sem, owner=True)
 
     @classmethod

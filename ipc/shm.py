@@ -9,6 +9,7 @@ tracker, which can unlink a live segment when an attaching process exits (cpytho
 from __future__ import annotations
 
 import mmap
+import os
 from typing import final
 
 import posix_ipc  # type: ignore[import-not-found]
@@ -32,7 +33,7 @@ class Segment:
 
     @classmethod
     def create(
-        cls, name: str, layout: L.Layout, *, mode: int = 0o600, coord_pid: int = 0
+        cls, name: str, layout: L.Layout, *, mode: int = 0o600, gid: int = -1, coord_pid: int = 0
     ) -> Segment:
         """Create (exclusively) and initialise the segment; the caller must :meth:`unlink` it."""
         try:
@@ -40,6 +41,10 @@ class Segment:
         except posix_ipc.ExistentialError as exc:
             raise SegmentError(f"shared memory {name} already exists") from exc
         try:
+            # The mode given at creation is filtered by the umask: set it (and the group) exactly.
+            os.fchmod(shm.fd, mode)
+            if gid >= 0:
+                os.fchown(shm.fd, -1, gid)
             mm = mmap.mmap(shm.fd, layout.size_bytes)
         finally:
             shm.close_fd()

@@ -59,9 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("n", type=int)
     add_gateway_parser(sub)
     add_top_parser(sub)
-    for p in (stats, bands, shards):
+    for p in (stats, bands, shards, rec, scale):
+        # On the actions too, so `shards scale 3 --socket-dir D` works as well as the other order.
         p.add_argument(
             "--socket-dir",
+            default=argparse.SUPPRESS,
             help="the daemon's socket directory (default: BANDGATE_SOCKET_DIR or the default)",
         )
     return parser
@@ -70,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 def _client(args: argparse.Namespace) -> Any:
     from runtime.client import Client
 
-    return Client(args.socket_dir)
+    return Client(getattr(args, "socket_dir", None))
 
 
 def _print_stats(data: dict[str, Any]) -> None:

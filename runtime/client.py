@@ -426,9 +426,22 @@ class _Core:
                 if conn is not None and not conn.closed:
                     if p.future.done():
                         return
+                    ttl = p.ttl
+                    if ttl > 0:
+                        # A resubmitted request keeps its deadline, not a fresh ttl.
+                        waited = time.monotonic() - p.started
+                        ttl -= waited
+                        if ttl <= 0:
+                            self.finish(
+                                p,
+                                OutcomeCode.EVICTED_TTL,
+                                f"waited longer than its ttl of {p.ttl:g}s",
+                                waited,
+                            )
+                            return
                     p.shard = conn
                     conn.pending[p.id] = p
-                    conn.send(codec.encode(Submit(p.id, p.flow_id, p.priority, p.byte_size, p.ttl)))
+                    conn.send(codec.encode(Submit(p.id, p.flow_id, p.priority, p.byte_size, ttl)))
                     return
             if time.monotonic() >= deadline:
                 self.finish(
@@ -552,9 +565,12 @@ def _check_priorities(priorities: Iterable[int]) -> tuple[int, ...]:
     return out
 
 
+MAX_ALLOWANCE = 2**40  # the daemon refuses larger grants (runtime.coordinator.MAX_ALLOWANCE)
+
+
 def _check_allowance(allowance: int) -> int:
-    if type(allowance) is not int or allowance < 0:
-        raise ValueError(f"allowance must be an int >= 0, not {allowance!r}")
+    if type(allowance) is not int or not 0 <= allowance <= MAX_ALLOWANCE:
+        raise ValueError(f"allowance must be an int in [0, {MAX_ALLOWANCE}], not {allowance!r}")
     return allowance
 
 

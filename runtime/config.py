@@ -109,6 +109,7 @@ __all__ = [
     "load",
     "parse_duration",
     "parse_size",
+    "socket_gid",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -897,6 +898,14 @@ def _listen_addr(name: str, raw: str) -> str:
     if not sep or not host or not port_ok:
         raise _fail(name, raw, "expected HOST:PORT such as 127.0.0.1:9464, or 0 for off")
     return text
+
+
+def socket_gid(config: Config) -> int:
+    """The gid of ``BANDGATE_SOCKET_GROUP``, or -1 when sockets are owner-only."""
+    group = config.socket_group
+    if not group:
+        return -1
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def _socket_group(name: str, raw: str) -> str:

@@ -80,7 +80,7 @@ from ipc.messages import (
 from ipc.names import budget_name, new_run_id, shm_name
 from ipc.shm import Segment, unlink_segment
 from runtime import gc_worker, shard_worker
-from runtime.config import Config
+from runtime.config import Config, socket_gid
 from runtime.metrics import MetricsServer
 from runtime.registry import Registry, RegistryFull
 from runtime.supervision import ChildSpec, ExitCode, context
@@ -98,6 +98,9 @@ INTERNAL_NAME = "internal.sock"
 STARTUP_GRACE = 5.0
 CRASH_LOOP_LIMIT = 3
 BOOT_TIMEOUT = 30.0
+# Largest saturation credit one report may grant: far beyond any pool, and the sum with the
+# dispatch count stays inside an int64 word.
+MAX_ALLOWANCE = 2**40
 
 
 def control_socket_path(socket_dir: str) -> str:
@@ -237,9 +240,6 @@ class Coordinator:
         st = os.stat(self.dir)
         if st.st_uid != os.getuid():
             raise AlreadyRunning(f"socket directory {self.dir} belongs to another user")
-        os.chmod(self.dir, mode)
-        if self.config.socket_group:
-            os.chown(self.dir, -1, _gid(self.config.socket_group))
         path = os.path.join(self.dir, LOCK_NAME)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -251,6 +251,10 @@ class Coordinator:
             raise AlreadyRunning(
                 f"another bandgate daemon (pid {pid}) is running on {self.dir}"
             ) from None
+        # The directory is ours from here on (a refused daemon must not touch it).
+        os.chmod(self.dir, mode)
+        if self.config.socket_group:
+            os.chown(self.dir, -1, socket_gid(self.config))
         old = os.read(fd, 256).decode(errors="replace").split()
         if len(old) >= 2:
             old_run = old[1]
@@ -285,13 +289,16 @@ class Coordinator:
         cfg = self.config
         layout = L.Layout(cfg.max_shards, cfg.max_bands, cfg.max_flows)
         shm_mode = 0o660 if cfg.socket_group else 0o600
+        gid = socket_gid(cfg)
         self.segment = Segment.create(
-            shm_name(self.run_id), layout, mode=shm_mode, coord_pid=os.getpid()
+            shm_name(self.run_id), layout, mode=shm_mode, gid=gid, coord_pid=os.getpid()
         )
         w = self.segment.words
         w[L.H_MAX_INFLIGHT] = cfg.max_inflight
         w[L.H_MAX_BYTES] = cfg.max_bytes
-        self.budget = Budget.create(budget_name(self.run_id), cfg.max_inflight, mode=shm_mode)
+        self.budget = Budget.create(
+            budget_name(self.run_id), cfg.max_inflight, mode=shm_mode, gid=gid
+        )
         self.registry = Registry(w, layout, cfg, time.monotonic_ns)
         import socket as _socket
 
@@ -315,8 +322,7 @@ class Coordinator:
         control = control_socket_path(self.dir)
         server = await loop.create_unix_server(lambda: ControlConn(self), control)
         os.chmod(control, 0o660 if cfg.socket_group else 0o600)
-        if cfg.socket_group:
-            gid = _gid(cfg.socket_group)
+        if gid >= 0:
             os.chown(control, -1, gid)
         self.servers.append(server)
         if cfg.metrics_addr:
@@ -391,6 +397,7 @@ class Coordinator:
             self.gc_link = None
             for abort in self.registry.abort_all():
                 self.broadcast(abort)
+            self.txns.clear()
         if self.stopping or child.stopping:
             log.info("%s exited code=%s", name, code)
             self._maybe_done()
@@ -507,21 +514,23 @@ class Coordinator:
             log.error("unexpected internal message %r", msg)
 
     def hello(self, conn: InternalConn, msg: object) -> None:
-        if type(msg) is ShardHello and secrets.compare_digest(msg.token, self.token):
+        if type(msg) is ShardHello and _token_ok(msg.token, self.token):
             child = self.children.get(f"shard-{msg.shard_id}")
             if child is None or child.proc.pid != msg.pid:
                 conn.close()
                 return
             conn.child = child
             child.link = conn
-            child.state = L.ShardState.ACTIVE
             assert self.segment is not None
-            self.segment.words[self.segment.layout.shard(child.shard_id) + L.SH_STATE] = (
-                L.ShardState.ACTIVE
-            )
+            if child.state == L.ShardState.DRAINING:
+                # Scaled down while it was starting: it drains from its first moment.
+                conn.send(codec.encode(SetDraining()))
+            else:
+                child.state = L.ShardState.ACTIVE
+            self.segment.words[self.segment.layout.shard(child.shard_id) + L.SH_STATE] = child.state
             self.bump_epoch()
             log.info("shard up shard=%d pid=%d", child.shard_id, msg.pid)
-        elif type(msg) is GcHello and secrets.compare_digest(msg.token, self.token):
+        elif type(msg) is GcHello and _token_ok(msg.token, self.token):
             child = self.children.get("gc")
             if child is None or child.proc.pid != msg.pid:
                 conn.close()
@@ -534,6 +543,7 @@ class Coordinator:
             assert self.registry is not None
             for abort in self.registry.abort_all():
                 self.broadcast(abort)
+            self.txns.clear()
             log.info("gc up pid=%d", msg.pid)
         else:
             log.warning("internal connection without a valid hello; closing")
@@ -602,6 +612,8 @@ class Coordinator:
 
     # -- control requests -------------------------------------------------------------------------
     def on_control(self, msg: object) -> object | None:
+        if self.segment is None:
+            return ErrorReply("shutting_down", "the daemon is stopping")
         t = type(msg)
         if t is Hello:
             return self.topology()
@@ -659,8 +671,11 @@ class Coordinator:
 
     def report_saturation(self, allowance: int, valid_for: float) -> Ack:
         """Grant ``allowance`` more dispatches, valid for ``valid_for`` seconds (then fail closed)."""
-        if allowance < 0 or not 0 < valid_for <= 3600:
-            return Ack(False, "allowance must be >= 0 and valid_for in (0, 3600] seconds")
+        if not 0 <= allowance <= MAX_ALLOWANCE or not 0 < valid_for <= 3600:
+            return Ack(
+                False,
+                f"allowance must be in [0, {MAX_ALLOWANCE}] and valid_for in (0, 3600] seconds",
+            )
         assert self.segment is not None
         w = self.segment.words
         w[L.H_SAT_LIMIT] = self.total_dispatched() + allowance
@@ -984,10 +999,9 @@ class Coordinator:
         return int(self.exit_code)
 
 
-def _gid(group: str) -> int:
-    import grp
-
-    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+def _token_ok(given: str, token: str) -> bool:
+    """Constant-time comparison that accepts any string a peer may send."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode())
 
 
 def serve(config: Config) -> int:

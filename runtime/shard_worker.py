@@ -75,7 +75,7 @@ from ipc.messages import (
 )
 from ipc.shm import Segment
 from runtime import logsetup
-from runtime.config import Config
+from runtime.config import Config, socket_gid
 from runtime.shard_state import PENDING, QUEUED, Band, Flow, Request, ShardCore
 from runtime.supervision import ChildSpec, ExitCode, child_setup
 from runtime.validation import check_submit
@@ -212,6 +212,7 @@ class ShardWorker:
         self.default_ttl = config.default_ttl
         self.wake_path = wake_socket_path(config.socket_dir, self.shard_id)
         self.wake_sock: socket.socket | None = None
+        self.bound: dict[str, tuple[int, int]] = {}  # socket path -> (dev, inode) we created
         self.poke_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.poke_sock.setblocking(False)
 
@@ -235,7 +236,7 @@ class ShardWorker:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.server = await self.loop.create_unix_server(lambda: ClientConn(self), path)
-        os.chmod(path, 0o660 if self.config.socket_group else 0o600)
+        self.own_path(path)
         link.send(codec.encode(ShardHello(self.spec.token, self.shard_id, os.getpid())))
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, "shutting down")
         self.refresh_others()
@@ -250,10 +251,19 @@ class ShardWorker:
             os.unlink(self.wake_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(self.wake_path)
-        os.chmod(self.wake_path, 0o660 if self.config.socket_group else 0o600)
+        self.own_path(self.wake_path)
         sock.setblocking(False)
         self.wake_sock = sock
         self.loop.add_reader(sock.fileno(), self.on_wake)
+
+    def own_path(self, path: str) -> None:
+        """Set a socket file's mode and group, and remember which file is ours."""
+        gid = socket_gid(self.config)
+        os.chmod(path, 0o660 if gid >= 0 else 0o600)
+        if gid >= 0:
+            os.chown(path, -1, gid)
+        st = os.stat(path)
+        self.bound[path] = (st.st_dev, st.st_ino)
 
     def stop(self, reason: str) -> None:
         """Graceful stop: refuse new work, evict everything waiting, flush, exit."""
@@ -271,9 +281,13 @@ class ShardWorker:
         self.loop.call_soon(self._finish_stop)
 
     def _finish_stop(self) -> None:
-        for path in (shard_socket_path(self.config.socket_dir, self.shard_id), self.wake_path):
+        for path, ident in self.bound.items():
+            # Only our own file: a daemon started since (after a crash of ours) may have bound
+            # the same path, and its socket must survive our late exit.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == ident:
+                    os.unlink(path)
         if self.link is not None:
             self.link.close()
         if not self.done.done():

@@ -68,7 +68,7 @@ class Daemon:
     def __init__(self, socket_dir: str, env: dict[str, str]) -> None:
         self.socket_dir = socket_dir
         self.env = env
-        self.log_path = Path(socket_dir + ".log")
+        self.log_path = Path(tempfile.mkstemp(prefix="bgt-log-", suffix=".log", dir="/tmp")[1])
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runtime", "serve"],
@@ -248,9 +248,10 @@ def start_daemon() -> Iterator[Callable[..., Daemon]]:
         leaked = daemon.shm_objects()
         if leaked:
             problems.append(f"shared-memory objects left: {sorted(leaked)}")
+    for daemon in daemons:
+        with contextlib.suppress(FileNotFoundError):
+            daemon.log_path.unlink()
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(d + ".log")
     if problems:
         pytest.fail("\n".join(problems))
