@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -58,6 +59,8 @@ def test_static_band_is_kept_after_use_with_its_configuration(start_daemon):
 def test_request_queued_longer_than_both_timeouts_is_dispatched(start_daemon):
     d = start_daemon(MAX_INFLIGHT=1, **FAST_GC)
     with d.client() as c:
+        with c.admit("witness", 60):
+            pass  # band 60 idles from now: its removal marks both timeouts passing
         hold = c.admit("holder", 50)
         assert hold.dispatched
         result = {}
@@ -68,9 +71,12 @@ def test_request_queued_longer_than_both_timeouts_is_dispatched(start_daemon):
         t = threading.Thread(target=waiter)
         t.start()
         wait_until(lambda: c.stats()["len"] == 1, what="request queued")
-        # Past both timeouts, while GC keeps running: the holder's idle flow and then its band
-        # are collected (the holder's unit stays out), ours must not be.
-        wait_until(lambda: 50 not in c.stats()["bands"], what="holder's flow and band collected")
+        queued_at = time.monotonic()
+        # Past both timeouts, while GC keeps running: the witness's idle flow and then its band
+        # are collected; ours, queued, must not be.
+        wait_until(lambda: 60 not in c.stats()["bands"], what="witness flow and band collected")
+        # and the patient request itself has waited longer than both timeouts (100 + 200 ms)
+        wait_until(lambda: time.monotonic() - queued_at > 0.35, what="both timeouts passed")
         stats = c.stats()
         assert (
             7 in stats["bands"]
