@@ -179,7 +179,7 @@ class Removal:
         self.deadline = 0.0
         self.result = ""
         self.reason = ""
-        self.timer_set = False  # the process has armed the vote-deadline timer
+        self.timer: asyncio.TimerHandle | None = None  # the vote deadline, armed by the process
 
     def _msg(
         self, cls: type[Retire] | type[Prepare] | type[Commit] | type[Abort]
@@ -376,14 +376,16 @@ class GcProcess:
             self.link.send(codec.encode(msg))
         if removal.state == DONE:
             self.finished(removal)
-        elif removal.state == VOTING and not removal.timer_set:
-            removal.timer_set = True
-            self.loop.call_later(
+        elif removal.state == VOTING and removal.timer is None:
+            removal.timer = self.loop.call_later(
                 max(0.0, removal.deadline - self.clock()), self.vote_deadline, removal.txn
             )
 
     def finished(self, removal: Removal) -> None:
         self.removals.pop(removal.txn, None)
+        if removal.timer is not None:
+            removal.timer.cancel()  # most removals end long before their vote deadline
+            removal.timer = None
         cand = removal.cand
         self.busy.discard((cand.kind, cand.slot))
         self.counts[removal.result] += 1
