@@ -825,8 +825,11 @@ class Coordinator:
                 oldest = stamp
         return max(0.0, (time.monotonic_ns() - oldest) / 1e9) if oldest else 0.0
 
-    def busiest_flows(self, limit: int = 10) -> list[dict[str, Any]]:
-        """The flows with the most queued requests, summed over shards (from the lease rows)."""
+    def queued_flows(self) -> list[tuple[int, int, str, int]]:
+        """``(len, bytes, flow_id, priority)`` of every flow with queued requests, busiest first.
+
+        Summed over the live shards' lease rows (each written by its shard).
+        """
         seg, registry = self.segment, self.registry
         assert seg is not None and registry is not None
         w = seg.words
@@ -842,11 +845,15 @@ class Coordinator:
                 count += w[row + offset + L.L_COUNT]
                 size += w[row + offset + L.L_BYTES]
             if count:
-                found.append((-count, -size, flow.flow_id, flow.priority))
-        found.sort()
+                found.append((int(count), int(size), flow.flow_id, flow.priority))
+        found.sort(key=lambda t: (-t[0], -t[1], t[2]))
+        return found
+
+    def busiest_flows(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The flows with the most queued requests (for stats and ``bandgate top``)."""
         return [
-            {"flow_id": fid, "priority": prio, "len": -c, "bytes": -b}
-            for c, b, fid, prio in found[:limit]
+            {"flow_id": fid, "priority": prio, "len": n, "bytes": b}
+            for n, b, fid, prio in self.queued_flows()[:limit]
         ]
 
     def saturation_state(self, inflight: int) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
+from ipc.shm_layout import QUEUE_BUCKETS  # GIE's queue-duration buckets (reference §7)
 from runtime.config import (
     DEFAULT_LOG_LEVEL,
     ENV_PREFIX,
@@ -119,25 +120,6 @@ MAX_MODEL_LABELS: Final = 100
 RETRY_AFTER_MIN: Final = 1
 RETRY_AFTER_MAX: Final = 60
 STATS_INTERVAL: Final = 1.0
-# GIE's request_queue_duration_seconds buckets (reference §7).
-QUEUE_BUCKETS: Final = (
-    0.0001,
-    0.0005,
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-)
 # Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus those aiohttp recomputes.
 HOP_BY_HOP: Final = frozenset(
     {

@@ -94,17 +94,7 @@ class _Collector:
             "Bytes queued, by flow and priority.",
             labels=["fairness_id", "priority"],
         )
-        rows = [layout.lease_row(s) for s in live]
-        per_flow = []
-        for slot, flow in registry.flows.items():
-            offset = slot * L.LEASE_WORDS
-            count = nbytes = 0
-            for row in rows:
-                count += w[row + offset + L.L_COUNT]
-                nbytes += w[row + offset + L.L_BYTES]
-            if count:
-                per_flow.append((count, nbytes, flow.flow_id, flow.priority))
-        per_flow.sort(key=lambda t: (-t[0], -t[1], t[2]))
+        per_flow = coord.queued_flows()
         cap = coord.config.metrics_max_flows
         other: dict[int, list[int]] = {}
         for count, nbytes, flow_id, priority in per_flow[:cap]:
