@@ -555,10 +555,9 @@ class ShardWorker:
 
     def wake(self, path: str) -> None:
         """Send one wake datagram to another shard."""
-        try:
+        # A full buffer means a wake is already pending; a missing peer has nothing to wake.
+        with contextlib.suppress(OSError):
             self.poke_sock.sendto(b"\0", path)
-        except OSError:
-            pass  # full buffer: a wake is already pending; gone: nothing to wake
 
     def on_wake(self) -> None:
         sock = self.wake_sock

@@ -24,6 +24,13 @@ import pytest
 
 from runtime import BandgateError, Client, DaemonUnavailable, Outcome
 from tests.conftest import ROOT, shm_objects, wait_until
+from tests.helpers import (
+    admit_release,
+    assert_budget_intact,
+    assert_quiet,
+    running,
+    shutdown,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +38,6 @@ pytestmark = pytest.mark.integration
 # on a killed shard must get its outcome "within a second or two": we allow KILL_BOUND.
 OUTCOME_BOUND = 10.0
 KILL_BOUND = 5.0
-
-
-def admit_release(c: Client, flow: str, priority: int = 0, **kw: Any) -> tuple[Outcome, str]:
-    """Admit, give the unit straight back, and report the outcome."""
-    adm = c.admit(flow, priority, **kw)
-    adm.release()
-    return adm.outcome, adm.reason
 
 
 def shard_pids(c: Client) -> dict[int, int]:
@@ -48,42 +48,9 @@ def active_shards(c: Client) -> dict[int, int]:
     return {s["id"]: s["pid"] for s in c.stats()["shards"] if s["state"] == "active"}
 
 
-def assert_budget_intact(c: Client, limit: int) -> None:
-    """Exactly ``limit`` units are free: that many dispatch at once, one more waits."""
-    wait_until(lambda: c.stats()["inflight"] == 0, what="inflight back to 0")
-    held = [c.admit("budget-probe", 1000, ttl=5.0) for _ in range(limit)]
-    try:
-        assert [a.outcome for a in held] == [Outcome.DISPATCHED] * limit, [a.reason for a in held]
-        extra = c.admit("budget-probe", 1000, ttl=0.3)
-        extra.release()
-        assert extra.outcome is Outcome.EVICTED_TTL, f"budget over-returned: {extra!r}"
-    finally:
-        for a in held:
-            a.release()
-    wait_until(lambda: c.stats()["inflight"] == 0, what="inflight back to 0")
-
-
-def assert_quiet(c: Client) -> None:
-    """Nothing queued, nothing in flight (a Release is asynchronous: wait for the last ones)."""
-    wait_until(
-        lambda: (s := c.stats())["len"] == 0 and s["bytes"] == 0 and s["inflight"] == 0,
-        what="queues empty and every unit released",
-    )
-    st = c.stats()
-    for prio, band in st["bands"].items():
-        assert (band["len"], band["bytes"]) == (0, 0), (prio, band)
-
-
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
@@ -95,22 +62,6 @@ def wait_gone(procs: list[psutil.Process], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"processes still alive after {timeout}s: {still}")
         time.sleep(0.02)
-
-
-def procs_of(d: Any) -> list[psutil.Process]:
-    """The daemon's processes now and those it had at start (that still exist)."""
-    out = []
-    for pid in d.all_pids() | {c.pid for c in d.children}:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            out.append(psutil.Process(pid))
-    return out
-
-
-def shutdown(d: Any) -> None:
-    """SIGTERM: the daemon exits 0 and every one of its processes is gone within 5 s."""
-    procs = procs_of(d)
-    assert d.stop() == 0, d.log_path.read_text(errors="replace")[-3000:]
-    wait_gone(procs)
 
 
 def wait_queued(c: Client, n: int) -> None:

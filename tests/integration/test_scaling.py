@@ -7,7 +7,6 @@ Priority, capacity and leases stay correct throughout.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import subprocess
@@ -23,6 +22,12 @@ import pytest
 
 from runtime import Client, Outcome
 from tests.conftest import ROOT, wait_until
+from tests.helpers import (
+    admit_release,
+    assert_budget_intact,
+    assert_quiet,
+    shutdown,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +35,6 @@ OUTCOME_BOUND = 10.0
 
 
 # -- helpers (kept local: each test module stands alone) --------------------------------------
-def admit_release(c: Client, flow: str, priority: int = 0, **kw: Any) -> tuple[Outcome, str]:
-    adm = c.admit(flow, priority, **kw)
-    adm.release()
-    return adm.outcome, adm.reason
 
 
 def states(c: Client) -> dict[int, str]:
@@ -42,57 +43,6 @@ def states(c: Client) -> dict[int, str]:
 
 def n_active(c: Client) -> int:
     return sum(state == "active" for state in states(c).values())
-
-
-def procs_of(d: Any) -> list[psutil.Process]:
-    out = []
-    for pid in d.all_pids() | {c.pid for c in d.children}:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            out.append(psutil.Process(pid))
-    return out
-
-
-def running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def shutdown(d: Any) -> None:
-    """SIGTERM: the daemon exits 0 and every one of its processes is gone within 5 s."""
-    procs = procs_of(d)
-    assert d.stop() == 0, d.log_path.read_text(errors="replace")[-3000:]
-    wait_until(
-        lambda: not [p for p in procs if running(p)], timeout=5, what="every daemon process gone"
-    )
-
-
-def assert_quiet(c: Client) -> None:
-    """Nothing queued, nothing in flight (a Release is asynchronous: wait for the last ones)."""
-    wait_until(
-        lambda: (s := c.stats())["len"] == 0 and s["bytes"] == 0 and s["inflight"] == 0,
-        what="queues empty and every unit released",
-    )
-    st = c.stats()
-    for prio, band in st["bands"].items():
-        assert (band["len"], band["bytes"]) == (0, 0), (prio, band)
-    for shard in st["shards"]:
-        assert (shard["len"], shard["bytes"], shard["inflight"]) == (0, 0, 0), shard
-
-
-def assert_budget_intact(c: Client, limit: int) -> None:
-    wait_until(lambda: c.stats()["inflight"] == 0, what="inflight back to 0")
-    held = [c.admit("budget-probe", 1000, ttl=5.0) for _ in range(limit)]
-    try:
-        assert [a.outcome for a in held] == [Outcome.DISPATCHED] * limit, [a.reason for a in held]
-        extra = c.admit("budget-probe", 1000, ttl=0.3)
-        extra.release()
-        assert extra.outcome is Outcome.EVICTED_TTL, f"budget over-returned: {extra!r}"
-    finally:
-        for a in held:
-            a.release()
-    wait_until(lambda: c.stats()["inflight"] == 0, what="inflight back to 0")
 
 
 def gone(pid: int) -> bool:
