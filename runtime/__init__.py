@@ -13,9 +13,16 @@ layer of the Gateway API Inference Extension (Go), rebuilt as a multi-process sh
                              ▲
                 GC process ──┘ two-phase removal of idle flows and bands, by MESSAGES only
 
-Modules: :mod:`runtime.client` (library, in the caller), :mod:`runtime.coordinator`,
-:mod:`runtime.shard_worker`, :mod:`runtime.gc_worker` (processes), :mod:`runtime.registry`,
-:mod:`runtime.shard_state`, :mod:`runtime.policies` (pure logic), :mod:`runtime.config`.
+Modules:
+
+- in the caller's process: :mod:`runtime.client` (``Client``, ``AsyncClient``);
+- processes: :mod:`runtime.coordinator` (with :mod:`runtime.metrics`), :mod:`runtime.shard_worker`,
+  :mod:`runtime.gc_worker`; and the optional :mod:`runtime.gateway` (with
+  :mod:`runtime.detector`) and :mod:`runtime.top`;
+- pure logic, unit-tested without processes: :mod:`runtime.registry`, :mod:`runtime.shard_state`,
+  :mod:`runtime.policies`, the GC planner and removal machine in :mod:`runtime.gc_worker`;
+- :mod:`runtime.config` (every ``BANDGATE_*`` variable), :mod:`runtime.validation`,
+  :mod:`runtime.outcome`, :mod:`runtime.supervision`, :mod:`runtime.logsetup`.
 """
 
 from runtime.client import Admission, AsyncAdmission, AsyncClient, Client
