@@ -195,6 +195,20 @@ def plotting() -> Any:
 
 
 # -- statistics ----------------------------------------------------------------------------------
+def save_plot(fig: Any, ctx: Context, res: Result, name: str, rect: Any = None) -> None:
+    """Write ``fig`` as ``<out>/<name>.png``, close it and record it in the result."""
+    path = ctx.out / f"{name}.png"
+    if rect is None:
+        fig.tight_layout()
+    else:
+        fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    res.plots.append(path.name)
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0..100) of already sorted values, linearly interpolated."""
     n = len(sorted_values)

@@ -24,7 +24,16 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from bench._harness import Context, Result, jain, log, max_min_shares, plotting, print_table
+from bench._harness import (
+    Context,
+    Result,
+    jain,
+    log,
+    max_min_shares,
+    plotting,
+    print_table,
+    save_plot,
+)
 from bench._procs import Daemon, Worker
 from bench._run import Window, timed
 
@@ -261,11 +270,7 @@ def _plot(
     axes[0].set_ylabel("share of dispatches (dashed: max-min fair share)")
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(demands), fontsize=8)
-    path = ctx.out / f"{NAME}.png"
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    res.plots.append(path.name)
+    save_plot(fig, ctx, res, NAME, rect=(0, 0.07, 1, 1))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Headline: ``ratio_p50`` and ``ratio_p99`` = bandgate / echo, and the absolute ov
 
 from __future__ import annotations
 
-from bench._harness import Context, Result, log, plotting, print_table
+from bench._harness import Context, Result, log, plotting, print_table, save_plot
 from bench._procs import Daemon, EchoServer, Worker
 from bench._run import untimed
 
@@ -109,11 +109,7 @@ def _plot(ctx: Context, res: Result, samples: dict[str, list[float]]) -> None:
     ax.set_title("latency: one admission at a time (CDF)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = ctx.out / f"{NAME}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    res.plots.append(path.name)
+    save_plot(fig, ctx, res, NAME)
 
 
 if __name__ == "__main__":

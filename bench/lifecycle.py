@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench._harness import Context, Result, log, plotting, print_table
+from bench._harness import Context, Result, log, plotting, print_table, save_plot
 from bench._procs import Daemon, Worker
 from bench._run import START_MARGIN, timed, untimed
 
@@ -282,11 +282,7 @@ def _plot(
     ax2.legend(loc="upper left", fontsize=8)
     ax2b.legend(loc="lower right", fontsize=8)
     ax2.grid(True, alpha=0.3)
-    path = ctx.out / f"{NAME}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    res.plots.append(path.name)
+    save_plot(fig, ctx, res, NAME)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench._harness import Context, Result, log, plotting, print_table
+from bench._harness import Context, Result, log, plotting, print_table, save_plot
 from bench._procs import Daemon, RedisServer, Worker, redis_server_path
 from bench._run import timed
 
@@ -206,11 +206,7 @@ def _plot(ctx: Context, res: Result, rows: list[dict[str, Any]]) -> None:
     ax2.set_title("saturated: p99 admit -> outcome (µs, log)")
     for ax in (ax1, ax2):
         ax.grid(True, axis="y", alpha=0.3)
-    path = ctx.out / f"{NAME}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    res.plots.append(path.name)
+    save_plot(fig, ctx, res, NAME)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from bench._harness import Context, Result, log, plotting, print_table
+from bench._harness import Context, Result, log, plotting, print_table, save_plot
 from bench._procs import Daemon, Worker
 from bench._run import timed
 
@@ -154,11 +154,7 @@ def _plot(ctx: Context, res: Result, rows: list[dict[str, Any]]) -> None:
     for ax in (ax1, ax2):
         ax.grid(True, axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
-    path = ctx.out / f"{NAME}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    res.plots.append(path.name)
+    save_plot(fig, ctx, res, NAME)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench._harness import Context, Result, log, plotting, print_table
+from bench._harness import Context, Result, log, plotting, print_table, save_plot
 from bench._procs import Daemon, EchoServer, Worker
 from bench._run import timed
 
@@ -167,11 +167,7 @@ def _plot(ctx: Context, res: Result, rows: list[dict[str, Any]], p: dict[str, An
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_ylim(bottom=0)
-    path = ctx.out / f"{NAME}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    res.plots.append(path.name)
+    save_plot(fig, ctx, res, NAME)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,8 @@ class Setup:
     def control(self) -> Raw:
         return Raw(self.control_path, codec.from_coordinator)
 
-    def bad_shard(self, data: bytes, code: str) -> ErrorReply:
-        conn = self.shard()
+    def _bad(self, conn: Raw, data: bytes, code: str) -> ErrorReply:
+        """Send ``data``; expect exactly one error frame with ``code``, then the close."""
         try:
             conn.send(data)
             replies = conn.until_eof()
@@ -141,21 +141,17 @@ class Setup:
         assert len(replies) == 1 and type(replies[0]) is ErrorReply, replies
         assert replies[0].code == code, replies[0]
         assert replies[0].reason
-        self.expect_logged(shard=1)
         return replies[0]
 
+    def bad_shard(self, data: bytes, code: str) -> ErrorReply:
+        reply = self._bad(self.shard(), data, code)
+        self.expect_logged(shard=1)
+        return reply
+
     def bad_control(self, data: bytes, code: str) -> ErrorReply:
-        conn = self.control()
-        try:
-            conn.send(data)
-            replies = conn.until_eof()
-        finally:
-            conn.close()
-        assert len(replies) == 1 and type(replies[0]) is ErrorReply, replies
-        assert replies[0].code == code, replies[0]
-        assert replies[0].reason
+        reply = self._bad(self.control(), data, code)
         self.expect_logged(control=1)
-        return replies[0]
+        return reply
 
     def check_unharmed(self) -> None:
         """The good request is still queued, the daemon still whole; then it is dispatched."""
